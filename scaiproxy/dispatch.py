@@ -1,0 +1,197 @@
+"""The innermost handler of every plugin route: validate, call the plugin, envelope.
+
+Path parameters, the query string and the JSON body are validated here, before
+any upstream call; each problem becomes one entry of a 422 ``validation_error``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from scaiproxy import jsonutil
+from scaiproxy.config import describe_error
+from scaiproxy.errors import INVALID_JSON, ProxyError, validation_error
+from scaiproxy.middleware import (
+    CALL,
+    PRINCIPAL,
+    REQUEST_ID,
+    json_response,
+    payload_too_large,
+)
+from scaiproxy.routes import NoContent, RawJSON, RouteSpec, check_path_param
+from scaiproxy.upstream import UpstreamCaller
+
+log = structlog.get_logger("scaiproxy.dispatch")
+
+# A rejected value of these fields is never echoed back, as it may be a secret.
+_SECRET_FIELD = re.compile(r"(?i)key|token|secret|password")
+
+
+def make_handler(spec: RouteSpec) -> Any:
+    """Build the aiohttp handler that serves ``spec``."""
+    from scaiproxy.app import METRICS, PLUGIN_CONFIGS, RESOLVER, SETTINGS, UPSTREAM
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        settings = app[SETTINGS]
+        params = _path_params(spec, request)
+        query = _query(spec, request)
+        body = await _body(spec, request, settings.server.max_body_bytes)
+        principal = request[PRINCIPAL] if spec.authenticated else None
+        resolver = app[RESOLVER]
+        metrics = app[METRICS]
+
+        async def resolve_credential() -> Any:
+            credential = await resolver.resolve(principal)
+            metrics.credential_sources.labels(credential.source).inc()
+            return credential
+
+        upstream = UpstreamCaller(
+            app[UPSTREAM],
+            resolve_credential,
+            request[REQUEST_ID],
+            spec.timeout_s or settings.upstream.timeout_s,
+            spec.name,
+            _traceparent(request),
+        )
+        from scaiproxy.routes import Call
+
+        call = Call(
+            request=request,
+            route=spec,
+            principal=principal,
+            params=params,
+            query=query,
+            body=body,
+            config=app[PLUGIN_CONFIGS].get(spec.plugin),
+            upstream=upstream,
+            log=log.bind(route=spec.name, plugin=spec.plugin),
+        )
+        request[CALL] = call
+        result = await spec.handler(call)
+        return envelope(result, spec.status)
+
+    handle.route_spec = spec  # type: ignore[attr-defined]
+    return handle
+
+
+def envelope(result: Any, status: int = 200) -> web.StreamResponse:
+    """Wrap a handler's result as ``{"data": ...}``."""
+    if isinstance(result, web.StreamResponse):
+        return result
+    if isinstance(result, NoContent):
+        return web.Response(status=204)
+    encoded = result.encoded if isinstance(result, RawJSON) else jsonutil.dumps(result)
+    return json_response(status, b'{"data":' + encoded + b"}")
+
+
+def _path_params(spec: RouteSpec, request: web.Request) -> dict[str, str]:
+    params: dict[str, str] = {}
+    errors = []
+    for name in spec.path_params:
+        value = request.match_info.get(name, "")
+        message = check_path_param(name, value)
+        if message:
+            errors.append({"field": name, "location": "path", "message": message})
+        params[name] = value
+    if errors:
+        raise validation_error(errors)
+    return params
+
+
+def _traceparent(request: web.Request) -> str | None:
+    value = request.headers.get("traceparent")
+    # W3C trace context: version-traceid-parentid-flags, hex only.
+    if value and len(value) <= 55 and all(c in "0123456789abcdef-" for c in value):
+        return value
+    return None
+
+
+def _query(spec: RouteSpec, request: web.Request) -> BaseModel | None:
+    raw = request.query
+    errors: list[dict[str, str]] = []
+    fields = spec.query.model_fields if spec.query else {}
+    values: dict[str, str] = {}
+    for key in raw:
+        if key in values:
+            continue
+        if key not in fields:
+            allowed = ", ".join(fields) or "none"
+            errors.append(
+                {
+                    "field": key[:64],
+                    "location": "query",
+                    "message": f"unknown query parameter; allowed: {allowed}",
+                }
+            )
+            continue
+        given = raw.getall(key)
+        if len(given) > 1:
+            errors.append(
+                {
+                    "field": key,
+                    "location": "query",
+                    "message": "given more than once; send it once",
+                }
+            )
+            continue
+        values[key] = given[0]
+    if errors:
+        raise validation_error(errors)
+    if spec.query is None:
+        return None
+    try:
+        return spec.query.model_validate(values)
+    except ValidationError as exc:
+        raise validation_error(_describe(exc, "query")) from None
+
+
+async def _body(spec: RouteSpec, request: web.Request, limit: int) -> BaseModel | None:
+    if spec.body is None:
+        return None
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise payload_too_large(limit)
+    raw = await request.read()
+    if not raw.strip():
+        raise ProxyError(
+            400,
+            INVALID_JSON,
+            "The request body is empty.",
+            fix="Send a JSON object with Content-Type: application/json.",
+        )
+    try:
+        document = jsonutil.loads(raw)
+    except jsonutil.JSONSyntaxError as exc:
+        raise ProxyError(
+            400,
+            INVALID_JSON,
+            f"The request body is not valid JSON: {str(exc)[:200]}.",
+            fix="Send a JSON object with Content-Type: application/json.",
+        ) from None
+    if not isinstance(document, dict):
+        raise ProxyError(
+            400,
+            INVALID_JSON,
+            f"The request body is a JSON {type(document).__name__}, not an object.",
+            fix="Send a JSON object, such as {\"key\": \"value\"}.",
+        )
+    try:
+        return spec.body.model_validate(document)
+    except ValidationError as exc:
+        raise validation_error(_describe(exc, "body")) from None
+
+
+def _describe(exc: ValidationError, location: str) -> list[dict[str, str]]:
+    entries = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or location
+        secret = _SECRET_FIELD.search(field) is not None
+        message = describe_error(error, show_input=not secret)
+        entries.append({"field": field[:128], "location": location, "message": message})
+    return entries

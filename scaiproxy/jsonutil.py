@@ -1,0 +1,130 @@
+"""JSON encoding and decoding that keep upstream values exact.
+
+orjson is used for encoding, but it turns integers beyond 64 bits into floats when
+decoding and cannot encode them at all. Upstream bodies are therefore decoded with
+the standard library (exact integers, key order kept), and encoding falls back to it
+when orjson rejects a value. :func:`object_spans` finds the raw text of selected
+members, so that event pages can be forwarded without re-encoding a single event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+
+
+def _reject_constant(name: str) -> Any:
+    raise JSONSyntaxError(f"{name} is not valid JSON")
+
+
+# NaN and Infinity are not JSON, and clients that parse strictly would fail on them.
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_scan_value = _decoder.scan_once
+_scan_string = json.decoder.scanstring
+_whitespace = re.compile(r"[ \t\n\r]*")
+
+
+class JSONSyntaxError(ValueError):
+    """The text is not the JSON that was expected."""
+
+
+def dumps(value: Any) -> bytes:
+    """Encode ``value`` as compact UTF-8 JSON, exact for integers of any size."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        # orjson rejects integers beyond 64 bits; the standard library does not.
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return text.encode("utf-8")
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode JSON exactly: big integers stay integers, key order is kept."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        data = decode_text(bytes(data))
+    try:
+        return _decoder.decode(data)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise JSONSyntaxError(str(exc)) from exc
+
+
+def loads_request(data: bytes) -> Any:
+    """Decode a request body; orjson is fine here because nothing is forwarded raw."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise JSONSyntaxError(str(exc)) from exc
+
+
+def decode_text(data: bytes) -> str:
+    """Decode UTF-8, dropping a leading byte order mark."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JSONSyntaxError(f"not valid UTF-8: {exc}") from exc
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text
+
+
+def object_spans(
+    text: str, descend: dict[str, Any] | None = None, start: int = 0
+) -> dict[str, Any]:
+    """Decode a JSON object member by member and record where each value lies.
+
+    Returns ``{key: (value, begin, end)}`` where ``text[begin:end]`` is the raw
+    text of the value. A key named in ``descend`` whose value is an object is
+    walked the same way, and its entry becomes ``(members, begin, end)`` with
+    ``members`` the nested mapping; ``descend[key]`` is the next level's
+    ``descend``. Every other value is decoded by the standard library's C
+    scanner, once. Raises :class:`JSONSyntaxError` when ``text`` is not an
+    object, or has trailing data.
+    """
+    members, end = _walk_object(text, _skip(text, start), descend or {})
+    if _skip(text, end) != len(text) and start == 0:
+        raise JSONSyntaxError(f"extra data at offset {end}")
+    return members
+
+
+def _skip(text: str, index: int) -> int:
+    return _whitespace.match(text, index).end()
+
+
+def _walk_object(
+    text: str, index: int, descend: dict[str, Any]
+) -> tuple[dict[str, Any], int]:
+    if text[index : index + 1] != "{":
+        raise JSONSyntaxError(f"expected an object at offset {index}")
+    members: dict[str, Any] = {}
+    index = _skip(text, index + 1)
+    if text[index : index + 1] == "}":
+        return members, index + 1
+    try:
+        while True:
+            if text[index : index + 1] != '"':
+                raise JSONSyntaxError(f"expected a key at offset {index}")
+            key, index = _scan_string(text, index + 1)
+            index = _skip(text, index)
+            if text[index : index + 1] != ":":
+                raise JSONSyntaxError(f"expected ':' at offset {index}")
+            begin = _skip(text, index + 1)
+            if key in descend and text[begin : begin + 1] == "{":
+                value, index = _walk_object(text, begin, descend[key] or {})
+            else:
+                value, index = _scan_value(text, begin)
+            members[key] = (value, begin, index)
+            index = _skip(text, index)
+            separator = text[index : index + 1]
+            index = _skip(text, index + 1)
+            if separator == "}":
+                return members, index
+            if separator != ",":
+                raise JSONSyntaxError(f"expected ',' or '}}' at offset {index}")
+    except StopIteration as exc:
+        raise JSONSyntaxError(f"invalid value at offset {exc.value}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise JSONSyntaxError(str(exc)) from None

@@ -1,0 +1,117 @@
+"""structlog set-up: one processor chain for structlog and for stdlib records.
+
+aiohttp's own loggers go through the same chain, so every line has one shape:
+JSON when the output is not a terminal (or ``logging.format: json``), readable
+columns on a terminal. A redaction step masks anything that looks like a bearer
+token or an ``sgk_`` key in any field, as a last guard behind the code's own care.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+from scaiproxy.config import LoggingConfig
+
+_SECRET_PATTERNS = (
+    # A JWT: three base64url parts, the first of which decodes to '{"'.
+    re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"),
+    re.compile(r"sgk_[A-Za-z0-9_-]{4,}"),
+    re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"),
+)
+
+
+def _mask(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if text.lower().startswith("bearer"):
+        return match.group(1) + "[redacted]"
+    if text.startswith("sgk_"):
+        return f"sgk_…{text[-4:]}" if len(text) >= 12 else "sgk_…"
+    return "[redacted-jwt]"
+
+
+def redact_text(text: str) -> str:
+    """Mask tokens and keys in free text."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(_mask, text)
+    return text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: _redact_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(item) for item in value]
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: mask secrets in every field, the message included."""
+    for key, value in event_dict.items():
+        if isinstance(value, str | dict | list | tuple):
+            event_dict[key] = _redact_value(value)
+    return event_dict
+
+
+def _json_dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging through one chain to ``stream``."""
+    stream = stream or sys.stderr
+    use_json = config.format == "json" or (
+        config.format == "auto" and not getattr(stream, "isatty", lambda: False)()
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_json_dumps)
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    if use_json:
+        shared.insert(-1, structlog.processors.dict_tracebacks)
+        shared.remove(structlog.processors.format_exc_info)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, "_scaiproxy", False):
+            root.removeHandler(existing)
+    handler._scaiproxy = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())
+    # aiohttp's access logger is replaced by the gateway's own request event.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,248 @@
+"""The shared middleware, outermost first: tracing, errors and envelope,
+authentication, permission check. :func:`middlewares` lists them in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+
+from scaiproxy import jsonutil
+from scaiproxy.auth import bearer_token, insufficient_scope
+from scaiproxy.errors import (
+    INTERNAL_ERROR,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    PAYLOAD_TOO_LARGE,
+    ProxyError,
+)
+
+if TYPE_CHECKING:
+    from scaiproxy.metrics import Metrics
+    from scaiproxy.routes import RouteSpec
+
+log = structlog.get_logger("scaiproxy.request")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+# Keys of per-request state in the aiohttp request mapping.
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", object)
+CALL = web.RequestKey("call", object)
+
+
+def route_spec(request: web.Request) -> RouteSpec | None:
+    """Return the spec of the matched plugin route, ``None`` for other routes."""
+    return getattr(request.match_info.handler, "route_spec", None)
+
+
+def request_id_for(request: web.Request) -> str:
+    """Keep a well-formed incoming ``X-Request-ID``, otherwise make a new one."""
+    values = request.headers.getall(REQUEST_ID_HEADER, [])
+    if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
+        return values[0]
+    return uuid.uuid4().hex
+
+
+def json_response(status: int, body: bytes, headers: Any = None) -> web.Response:
+    return web.Response(
+        status=status, body=body, content_type="application/json", headers=headers
+    )
+
+
+def error_response(error: ProxyError) -> web.Response:
+    body = jsonutil.dumps({"detail": error.detail()})
+    return json_response(error.status, body, error.headers)
+
+
+def tracing_middleware(metrics: Metrics) -> Any:
+    """Bind the request id, then write one access event and the metrics."""
+
+    @web.middleware
+    async def tracing(request: web.Request, handler: Any) -> web.StreamResponse:
+        request_id = request_id_for(request)
+        request[REQUEST_ID] = request_id
+        spec = route_spec(request)
+        route = spec.name if spec else _system_route(request)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            if not response.prepared:
+                response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            duration = time.perf_counter() - started
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            metrics.duration.labels(route).observe(duration)
+            _access_event(request, spec, route, status, duration)
+            structlog.contextvars.clear_contextvars()
+
+    return tracing
+
+
+def _system_route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _access_event(
+    request: web.Request,
+    spec: RouteSpec | None,
+    route: str,
+    status: int,
+    duration: float,
+) -> None:
+    fields: dict[str, Any] = {
+        "method": request.method,
+        "route": route,
+        "path": request.path[:512],
+        "status": status,
+        "duration_ms": round(duration * 1000, 3),
+    }
+    if spec is not None:
+        fields["plugin"] = spec.plugin
+    principal = request.get(PRINCIPAL)
+    if principal is not None:
+        fields["tenant_id"] = principal.tenant_id
+        fields["sub"] = principal.sub
+    call = request.get(CALL)
+    if call is not None:
+        upstream = call.upstream
+        if upstream.credential is not None:
+            fields["credential_source"] = upstream.credential.source
+        if upstream.last_status is not None:
+            fields["upstream_status"] = upstream.last_status
+        if upstream.last is not None:
+            fields["upstream_duration_ms"] = round(upstream.last.duration_ms, 3)
+            if upstream.last.request_id:
+                fields["upstream_request_id"] = upstream.last.request_id[:128]
+    transport = request.transport
+    if status == 499 or transport is None or transport.is_closing():
+        log.info("client_disconnected", **fields)
+    log.info("request", **fields)
+
+
+def error_middleware() -> Any:
+    """Turn every exception into the error envelope; nothing else reaches clients."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(_from_http_exception(request, exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled_error", path=request.path[:512])
+            return error_response(
+                ProxyError(
+                    500,
+                    INTERNAL_ERROR,
+                    "The gateway failed to handle this request.",
+                    fix="Try again; if it persists, report the X-Request-ID to the "
+                    "operators.",
+                )
+            )
+
+    return errors
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyError:
+    if exc.status == 404:
+        return ProxyError(
+            404,
+            NOT_FOUND,
+            f"No route matches {request.method} {request.path[:200]}.",
+            fix="GET /openapi.json lists the routes.",
+        )
+    if exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return ProxyError(
+            405,
+            METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed on {request.path[:200]}; use {allowed}.",
+            headers={"Allow": allowed},
+        )
+    if exc.status == 413:
+        limit = request.app._client_max_size  # noqa: SLF001 - aiohttp keeps it here
+        return payload_too_large(limit)
+    return ProxyError(
+        exc.status, f"http_{exc.status}", exc.reason or "The request failed."
+    )
+
+
+def payload_too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413,
+        PAYLOAD_TOO_LARGE,
+        f"The request body is larger than the limit of {limit} bytes.",
+        fix="Send a smaller body; operators set the limit in server.max_body_bytes.",
+        limit=limit,
+    )
+
+
+def auth_middleware() -> Any:
+    """Authenticate the caller of every plugin route that needs it."""
+    from scaiproxy.app import DEV_PRINCIPAL, VERIFIER
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+        spec = route_spec(request)
+        if spec is not None and spec.authenticated:
+            principal = request.app.get(DEV_PRINCIPAL)
+            if principal is None:
+                token = bearer_token(request.headers)
+                principal = await request.app[VERIFIER].verify(token)
+            request[PRINCIPAL] = principal
+            structlog.contextvars.bind_contextvars(
+                tenant_id=principal.tenant_id, sub=principal.sub
+            )
+        return await handler(request)
+
+    return authenticate
+
+
+def permission_middleware() -> Any:
+    """Check the route's permission and roles before its handler runs."""
+
+    @web.middleware
+    async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+        spec = route_spec(request)
+        principal = request.get(PRINCIPAL)
+        if spec is not None and principal is not None:
+            if spec.permission and not principal.has_permission(spec.permission):
+                raise insufficient_scope(spec.permission)
+            if spec.roles and not principal.roles.intersection(spec.roles):
+                raise insufficient_scope(list(spec.roles), kind="role")
+        return await handler(request)
+
+    return authorize
+
+
+def middlewares(metrics: Metrics) -> list[Any]:
+    """The middleware chain, outermost first."""
+    return [
+        tracing_middleware(metrics),
+        error_middleware(),
+        auth_middleware(),
+        permission_middleware(),
+    ]

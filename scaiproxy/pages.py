@@ -1,0 +1,119 @@
+"""Reading ScaiGrid's success envelopes without re-encoding what passes through.
+
+Event and checkpoint objects must reach the client exactly as ScaiGrid sent
+them, so these helpers cut the raw JSON text of the values they forward instead
+of decoding and encoding them. The result is memoised on the upstream response,
+so coalesced callers share one encoded body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from scaiproxy import jsonutil
+from scaiproxy.routes import Call, RawJSON
+from scaiproxy.upstream import UpstreamResponse, bad_gateway
+
+log = structlog.get_logger("scaiproxy.pages")
+
+
+def shape_error(call: Call, what: str, problem: str) -> Exception:
+    """Log and count an upstream body of the wrong shape; return the 502 to raise."""
+    from scaiproxy.app import METRICS
+
+    call.request.app[METRICS].upstream_errors.labels(call.route.name, "bad_shape").inc()
+    log.warning(
+        "upstream_bad_shape",
+        route=call.route.name,
+        problem=problem,
+        upstream_request_id=call.upstream.last.request_id if call.upstream.last else None,
+    )
+    return bad_gateway(f"ScaiGrid answered {what} of an unexpected shape: {problem}.")
+
+
+def _members(call: Call, response: UpstreamResponse, what: str) -> tuple[str, dict]:
+    try:
+        text = jsonutil.decode_text(response.body)
+        return text, jsonutil.object_spans(text, {"data": {}})
+    except jsonutil.JSONSyntaxError as exc:
+        raise shape_error(call, what, f"not a JSON object ({str(exc)[:100]})") from None
+
+
+def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
+    """Build ``{key: [...], "next_cursor": ...}`` from a ScaiGrid list page.
+
+    Accepts ``{"data": {key: [...], "next_cursor"}}`` and ``{"data": [...],
+    "next_cursor", "has_more"}``; the list's objects are copied byte for byte.
+    """
+    memo_key = f"list_page:{key}"
+    if memo_key in response.memo:
+        return response.memo[memo_key]
+    what = f"a {key} page"
+    text, members = _members(call, response, what)
+    if "data" not in members:
+        raise shape_error(call, what, "no 'data' member")
+    data, begin, end = members["data"]
+    if isinstance(data, dict):
+        if key not in data:
+            raise shape_error(call, what, f"no 'data.{key}' list")
+        items, begin, end = data[key]
+        cursor_entry = data.get("next_cursor")
+        more_entry = data.get("has_more")
+    else:
+        items = data
+        cursor_entry = members.get("next_cursor")
+        more_entry = members.get("has_more")
+    if not isinstance(items, list):
+        raise shape_error(call, what, f"'{key}' is not a list")
+    if not all(isinstance(item, dict) for item in items):
+        raise shape_error(call, what, f"an entry of '{key}' is not an object")
+    cursor = cursor_entry[0] if cursor_entry else None
+    if cursor is not None and not isinstance(cursor, str):
+        raise shape_error(call, what, "'next_cursor' is not a string or null")
+    if more_entry is not None and more_entry[0] is False:
+        cursor = None
+    encoded = (
+        f'{{"{key}":'.encode()
+        + text[begin:end].encode()
+        + b',"next_cursor":'
+        + jsonutil.dumps(cursor)
+        + b"}"
+    )
+    result = RawJSON(encoded)
+    response.memo[memo_key] = result
+    return result
+
+
+def data_object(call: Call, response: UpstreamResponse, what: str) -> RawJSON:
+    """Return the object in ``data`` as raw JSON, or the body itself when it is an
+    un-enveloped object that has none of ScaiGrid's envelope keys."""
+    text, members = _members(call, response, what)
+    if "data" in members:
+        value, begin, end = members["data"]
+        if not isinstance(value, dict):
+            raise shape_error(call, what, "'data' is not an object")
+        return RawJSON(text[begin:end].encode())
+    if "error" in members or "status" in members:
+        raise shape_error(call, what, "no 'data' member")
+    return RawJSON(text.strip().encode())
+
+
+def data_list(call: Call, response: UpstreamResponse, what: str) -> tuple[list[Any], Any]:
+    """Decode a list page exactly; returns the items and the next cursor (or None)."""
+    document = response.json()
+    if not isinstance(document, dict):
+        raise shape_error(call, what, "not a JSON object")
+    data = document.get("data")
+    if isinstance(data, dict) and isinstance(data.get("items"), list):
+        items, cursor, more = data["items"], data.get("next_cursor"), data.get("has_more")
+    elif isinstance(data, list):
+        items, cursor, more = data, document.get("next_cursor"), document.get("has_more")
+    else:
+        raise shape_error(call, what, "'data' is neither a list nor has 'items'")
+    if cursor is not None and not isinstance(cursor, str):
+        raise shape_error(call, what, "'next_cursor' is not a string or null")
+    if more is False:
+        cursor = None
+    return items, cursor

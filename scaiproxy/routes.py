@@ -1,0 +1,121 @@
+"""Route specs that plugins return, and the call object their handlers receive."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from scaiproxy.auth import Principal
+    from scaiproxy.upstream import UpstreamCaller
+
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+
+#: What a path parameter may contain; ``.`` and ``..`` are rejected separately.
+PATH_PARAM_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_placeholder = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+Handler = Callable[["Call"], Awaitable[Any]]
+
+
+class RawJSON:
+    """A value that is already encoded as JSON and is sent as it is.
+
+    A handler returns ``RawJSON(b'[...]')`` to place pre-encoded bytes in the
+    ``data`` member of the envelope without decoding and encoding them again.
+    """
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, encoded: bytes) -> None:
+        self.encoded = encoded
+
+    def __repr__(self) -> str:
+        return f"RawJSON({len(self.encoded)} bytes)"
+
+
+class NoContent:
+    """Returned by a handler to answer 204 with an empty body."""
+
+
+NO_CONTENT = NoContent()
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route a plugin serves, as returned by ``scaiproxy_routes``.
+
+    ``path`` is relative to ``server.base_path``; ``{name}`` segments are path
+    parameters, each checked against :data:`PATH_PARAM_PATTERN` before the
+    handler runs. ``permission`` is the permission a caller needs (``None``: any
+    authenticated caller); ``roles``, when set, lists roles of which the caller
+    needs one. ``timeout_s`` overrides ``upstream.timeout_s`` for the route's
+    upstream calls. ``query`` and ``body`` are pydantic models that validate the
+    query string and the JSON body; they also describe the route in the OpenAPI
+    document, with ``response`` as the JSON schema of the ``data`` member.
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    name: str
+    permission: str | None = None
+    roles: tuple[str, ...] = ()
+    timeout_s: float | None = None
+    query: type[BaseModel] | None = None
+    body: type[BaseModel] | None = None
+    response: Mapping[str, Any] | None = None
+    status: int = 200
+    summary: str = ""
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    authenticated: bool = True
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"route {self.name!r}: unsupported method {self.method!r}")
+        if not self.path.startswith("/"):
+            raise ValueError(f"route {self.name!r}: path must start with '/'")
+        if not self.name:
+            raise ValueError(f"route {self.path!r}: a name is required")
+
+    @property
+    def path_params(self) -> tuple[str, ...]:
+        return tuple(_placeholder.findall(self.path))
+
+    @property
+    def shape(self) -> str:
+        """The path with parameter names erased, to find colliding routes."""
+        return _placeholder.sub("{}", self.path)
+
+
+@dataclass
+class Call:
+    """Everything a route handler needs for one request."""
+
+    request: web.Request
+    route: RouteSpec
+    principal: Principal
+    params: dict[str, str]
+    query: Any
+    body: Any
+    config: Any
+    upstream: UpstreamCaller
+    log: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_path_param(name: str, value: str) -> str | None:
+    """Return an error message when a path parameter value is not allowed."""
+    if value in (".", "..") or not PATH_PARAM_PATTERN.fullmatch(value):
+        return (
+            f"invalid {name} {value[:140]!r}: expected 1 to 128 characters from "
+            "A-Z a-z 0-9 _ . : - (not '.' or '..')"
+        )
+    return None

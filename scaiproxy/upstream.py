@@ -1,0 +1,428 @@
+"""The upstream client: one pooled session, and the calls plugins make to ScaiGrid.
+
+Every outcome of an upstream call becomes either a successful
+:class:`UpstreamResponse` or a :class:`~scaiproxy.errors.ProxyError` with the
+status the HTTP contract gives it: 429 with ScaiGrid's rate-limit headers,
+ScaiGrid's own 4xx as ``upstream_error``, rejected keys as
+``upstream_auth_failed``, anything else wrong as ``bad_gateway`` (502) or
+``upstream_timeout`` (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import structlog
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from scaiproxy import __version__, jsonutil
+from scaiproxy.config import UpstreamConfig
+from scaiproxy.credentials import Credential
+from scaiproxy.errors import (
+    BAD_GATEWAY,
+    RATE_LIMITED,
+    UPSTREAM_AUTH_FAILED,
+    UPSTREAM_ERROR,
+    UPSTREAM_TIMEOUT,
+    ProxyError,
+)
+
+if TYPE_CHECKING:
+    from scaiproxy.metrics import Metrics
+
+log = structlog.get_logger("scaiproxy.upstream")
+
+USER_AGENT = f"scaiproxy/{__version__}"
+#: ScaiGrid statuses passed on to the caller as ``upstream_error``.
+PASSED_STATUSES = frozenset({400, 401, 403, 404, 409, 422})
+_RATE_LIMIT_PREFIX = "x-scaigrid-ratelimit-"
+_RETRYABLE = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientPayloadError,
+)
+
+
+@dataclass
+class UpstreamResponse:
+    """A complete upstream answer with a 2xx status; the body is fully read."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    duration_ms: float
+    request_id: str | None = None
+    #: Results that handlers derive from this body, shared by coalesced callers.
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        """Decode the body exactly, or raise 502 ``bad_gateway``."""
+        if "json" not in self.memo:
+            try:
+                self.memo["json"] = jsonutil.loads(self.body)
+            except jsonutil.JSONSyntaxError:
+                raise bad_gateway("ScaiGrid answered with a body that is not JSON.")
+        return self.memo["json"]
+
+
+def bad_gateway(message: str, **extra: Any) -> ProxyError:
+    return ProxyError(
+        502,
+        BAD_GATEWAY,
+        message,
+        fix="Try again shortly; if it persists, check ScaiGrid's health.",
+        **extra,
+    )
+
+
+class UpstreamClient:
+    """The process-wide session and the logic shared by every upstream call."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.metrics = metrics
+        self._in_flight: dict[tuple[str, bytes], asyncio.Future[UpstreamResponse]] = {}
+
+    @staticmethod
+    def create_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=config.max_connections,
+            limit_per_host=config.max_connections,
+            keepalive_timeout=30,
+            ttl_dns_cache=300,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            json_serialize=lambda value: jsonutil.dumps(value).decode(),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        *,
+        credential: Credential,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout_s: float,
+        route: str,
+    ) -> UpstreamResponse:
+        """Send one request, coalescing identical GETs already in flight."""
+        if method != "GET" or not self.config.coalesce_gets:
+            return await self._send(method, url, credential, headers, body, timeout_s, route)
+
+        # The credential is part of the key, so callers never share across tenants.
+        key = (str(url), hashlib.sha256(credential.authorization.encode()).digest())
+        shared = self._in_flight.get(key)
+        if shared is not None:
+            if self.metrics:
+                self.metrics.coalesced.labels(route).inc()
+            return await asyncio.shield(shared)
+        shared = asyncio.ensure_future(
+            self._send(method, url, credential, headers, body, timeout_s, route)
+        )
+        self._in_flight[key] = shared
+        shared.add_done_callback(lambda _: self._in_flight.pop(key, None))
+        # Retrieve the exception even if every waiter was cancelled.
+        shared.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return await asyncio.shield(shared)
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        credential: Credential,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout_s: float,
+        route: str,
+    ) -> UpstreamResponse:
+        attempts = 2 if method == "GET" else 1
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=self.config.connect_timeout_s
+        )
+        started = time.perf_counter()
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await self._exchange(method, url, headers, body, timeout)
+            except asyncio.TimeoutError:
+                self._count_error(route, "timeout")
+                raise ProxyError(
+                    504,
+                    UPSTREAM_TIMEOUT,
+                    f"ScaiGrid did not answer within {timeout_s:g} s.",
+                    fix="Try again; long-running work may need a longer route timeout.",
+                ) from None
+            except _TooLarge:
+                self._count_error(route, "too_large")
+                raise bad_gateway(
+                    "ScaiGrid's answer is larger than upstream.max_response_bytes "
+                    f"({self.config.max_response_bytes} bytes)."
+                ) from None
+            except _RETRYABLE as exc:
+                if attempt < attempts:
+                    log.info("upstream_retry", route=route, error=type(exc).__name__)
+                    continue
+                self._count_error(route, "connection")
+                log.warning(
+                    "upstream_failed", route=route, url=str(url.with_query(None)),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                raise bad_gateway("The connection to ScaiGrid failed.") from None
+            except aiohttp.ClientError as exc:
+                self._count_error(route, "connection")
+                log.warning(
+                    "upstream_failed", route=route, url=str(url.with_query(None)),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                raise bad_gateway("ScaiGrid could not be reached.") from None
+            break
+
+        status, response_headers, payload = response
+        duration_ms = (time.perf_counter() - started) * 1000
+        if self.metrics:
+            self.metrics.upstream_duration.labels(route).observe(duration_ms / 1000)
+            self.metrics.upstream_requests.labels(route, str(status)).inc()
+        upstream_request_id = response_headers.get("X-Request-ID")
+        if 200 <= status < 300:
+            return UpstreamResponse(
+                status, response_headers, payload, duration_ms, upstream_request_id
+            )
+        raise self._error(status, response_headers, payload, credential, route)
+
+    async def _exchange(
+        self,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: aiohttp.ClientTimeout,
+    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        limit = self.config.max_response_bytes
+        async with self.session.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            timeout=timeout,
+            allow_redirects=False,
+        ) as response:
+            declared = response.content_length
+            if declared is not None and declared > limit:
+                raise _TooLarge()
+            payload = await response.content.read(limit + 1)
+            if len(payload) > limit:
+                raise _TooLarge()
+            return response.status, response.headers, payload
+
+    def _count_error(self, route: str, kind: str) -> None:
+        if self.metrics:
+            self.metrics.upstream_errors.labels(route, kind).inc()
+
+    def _error(
+        self,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        payload: bytes,
+        credential: Credential,
+        route: str,
+    ) -> ProxyError:
+        code, message, upstream_request_id, retry_after = _scaigrid_error(payload)
+        upstream_request_id = upstream_request_id or headers.get("X-Request-ID")
+        log.warning(
+            "upstream_error_status",
+            route=route,
+            upstream_status=status,
+            upstream_code=code,
+            upstream_request_id=upstream_request_id,
+            credential_source=credential.source,
+        )
+        if status == 429:
+            self._count_error(route, "rate_limited")
+            passed = {
+                name: value
+                for name, value in headers.items()
+                if name.lower().startswith(_RATE_LIMIT_PREFIX) and _header_safe(value)
+            }
+            retry = headers.get("Retry-After") or (
+                str(retry_after) if retry_after is not None else None
+            )
+            if retry and _header_safe(retry):
+                passed["Retry-After"] = retry
+            return ProxyError(
+                429,
+                RATE_LIMITED,
+                message or "ScaiGrid rate-limited this tenant.",
+                fix="Wait for the time in Retry-After, then try again.",
+                upstream_code=code,
+                upstream_request_id=upstream_request_id,
+                headers=passed,
+            )
+        if status in (401, 403) and not credential.is_user_token:
+            self._count_error(route, "auth_failed")
+            return ProxyError(
+                502,
+                UPSTREAM_AUTH_FAILED,
+                f"ScaiGrid rejected the {credential.source.replace('_', ' ')} "
+                f"({credential.masked}) with HTTP {status}.",
+                fix=(
+                    "The key is wrong or revoked: a tenant admin stores a new one "
+                    "with POST /api/v1/tenants/me/scaigrid_credentials."
+                    if credential.source == "tenant_key"
+                    else "The development key is wrong or revoked: set a valid "
+                    "key in its environment variable and restart."
+                ),
+                upstream_status=status,
+                upstream_request_id=upstream_request_id,
+            )
+        if status in PASSED_STATUSES:
+            self._count_error(route, "client_error")
+            return ProxyError(
+                status,
+                UPSTREAM_ERROR,
+                message or f"ScaiGrid answered HTTP {status}.",
+                upstream_code=code,
+                upstream_request_id=upstream_request_id,
+            )
+        self._count_error(route, "server_error")
+        extra_headers = {}
+        retry = headers.get("Retry-After")
+        if status == 503 and retry and _header_safe(retry):
+            extra_headers["Retry-After"] = retry
+        error = bad_gateway(
+            f"ScaiGrid answered HTTP {status}.",
+            upstream_status=status,
+            upstream_request_id=upstream_request_id,
+        )
+        error.headers.update(extra_headers)
+        return error
+
+
+class _TooLarge(aiohttp.ClientError):
+    pass
+
+
+def _header_safe(value: str) -> bool:
+    return len(value) <= 256 and all(32 <= ord(ch) < 127 for ch in value)
+
+
+def _scaigrid_error(payload: bytes) -> tuple[str | None, str | None, str | None, Any]:
+    """Read ScaiGrid's error envelope; anything else yields empty fields."""
+    try:
+        document = jsonutil.loads(payload[:65536]) if payload else None
+    except jsonutil.JSONSyntaxError:
+        return None, None, None, None
+    if not isinstance(document, dict):
+        return None, None, None, None
+    error = document.get("error")
+    meta = document.get("meta")
+    code = message = request_id = retry_after = None
+    if isinstance(error, dict):
+        code = _text(error.get("code"))
+        message = _text(error.get("message"), 500)
+        retry_after = error.get("retry_after")
+        if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
+            retry_after = None
+    if isinstance(meta, dict):
+        request_id = _text(meta.get("request_id"))
+    return code, message, request_id, retry_after
+
+
+def _text(value: Any, limit: int = 128) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+class UpstreamCaller:
+    """The upstream calls of one request, bound to its principal and route."""
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        resolve_credential: Any,
+        request_id: str,
+        timeout_s: float,
+        route: str,
+        traceparent: str | None,
+    ) -> None:
+        self._client = client
+        self._resolve = resolve_credential
+        self._request_id = request_id
+        self._timeout_s = timeout_s
+        self._route = route
+        self._traceparent = traceparent
+        self.credential: Credential | None = None
+        self.last: UpstreamResponse | None = None
+        self.last_status: int | None = None
+
+    async def get(
+        self, path: str, params: Mapping[str, Any] | None = None
+    ) -> UpstreamResponse:
+        return await self.request("GET", path, params=params)
+
+    async def post(self, path: str, json: Any = None) -> UpstreamResponse:
+        return await self.request("POST", path, body=jsonutil.dumps(json))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: bytes | None = None,
+    ) -> UpstreamResponse:
+        """Send a request to ScaiGrid at ``path`` (relative to the tenant's base URL).
+
+        ``path`` must be built from validated parts; ``params`` are encoded here,
+        so values such as ``a+b/c==`` reach ScaiGrid unchanged.
+        """
+        if self.credential is None:
+            self.credential = await self._resolve()
+        credential = self.credential
+        url = URL(credential.base_url + path, encoded=False)
+        if params:
+            query = {k: str(v) for k, v in params.items() if v is not None}
+            url = url.with_query(query)
+        headers = {
+            "Authorization": credential.authorization,
+            "X-Request-ID": self._request_id,
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self._traceparent:
+            headers["traceparent"] = self._traceparent
+        try:
+            response = await self._client.request(
+                method,
+                url,
+                credential=credential,
+                headers=headers,
+                body=body,
+                timeout_s=self._timeout_s,
+                route=self._route,
+            )
+        except ProxyError as exc:
+            self.last_status = exc.extra.get("upstream_status") or (
+                exc.status if exc.status < 500 else None
+            )
+            raise
+        self.last = response
+        self.last_status = response.status
+        return response
