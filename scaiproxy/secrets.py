@@ -2,27 +2,29 @@
 
 Secrets are addressed by path, for example ``tenants/acme/scaigrid_api_key``.
 A backend returns ``None`` for a secret that does not exist and raises
-:class:`SecretStoreError` when it cannot answer; the gateway never treats an
-unreachable store as an absent secret.
+:class:`SecretStoreError` when it cannot read or write the store. The gateway
+never treats an unreachable or unreadable store as an absent secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
+import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
 import structlog
 import yaml
+from yarl import URL
 
 from scaiproxy import jsonutil
 from scaiproxy.config import FileSecretsConfig, ScaiVaultConfig
@@ -33,10 +35,16 @@ log = structlog.get_logger("scaiproxy.secrets")
 API_KEY_NAME = "scaigrid_api_key"
 BASE_URL_NAME = "scaigrid_base_url"
 _SECRET_PATH = re.compile(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*")
+_TENANT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_MAX_PATH_LENGTH = 512
 
 
 class SecretStoreError(Exception):
-    """The secret store could not be read or written."""
+    """The secret store could not be read or written.
+
+    ``message`` is for the operator's log: it may name files and hosts, but
+    never a secret value.
+    """
 
     def __init__(self, backend: str, message: str) -> None:
         super().__init__(f"{backend}: {message}")
@@ -45,7 +53,7 @@ class SecretStoreError(Exception):
 
 
 class SecretStore(Protocol):
-    """What a secret backend implements."""
+    """The interface a secret backend implements."""
 
     name: str
 
@@ -61,102 +69,247 @@ class SecretStore(Protocol):
 
 def tenant_secret_path(tenant_id: str, name: str) -> str:
     """Build the path of a tenant secret, rejecting ids that could escape it."""
-    if tenant_id in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", tenant_id):
+    if tenant_id in (".", "..") or not _TENANT_ID.fullmatch(tenant_id):
         raise ValueError(f"invalid tenant id {tenant_id[:140]!r}")
     return f"tenants/{tenant_id}/{name}"
 
 
-def _check_path(path: str) -> None:
-    if not _SECRET_PATH.fullmatch(path) or any(
-        part in (".", "..") for part in path.split("/")
+def check_secret_path(path: str) -> None:
+    """Raise ``ValueError`` for a path with odd characters or ``.``/``..`` parts."""
+    if (
+        len(path) > _MAX_PATH_LENGTH
+        or not _SECRET_PATH.fullmatch(path)
+        or any(part in (".", "..") for part in path.split("/"))
     ):
         raise ValueError(f"invalid secret path {path[:200]!r}")
 
 
-class FileSecretStore:
-    """Secrets in one local JSON or YAML file: a mapping of path to value.
+# The file backend
 
-    The file is reread when its modification time or size changes, and written
-    atomically (a temporary file in the same folder, then a rename) with mode 0600.
+
+# A second edit within one timestamp tick (one second on some file systems) can
+# leave the size and times unchanged. So for this long after a file's last
+# modification, its content is compared as well.
+_RACY_WINDOW_NS = 2_000_000_000
+# Keeps a wrongly configured path, such as a disk image, from being read into memory.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    signature: tuple[int, int, int, int]
+    loaded_at_ns: int
+    raw: bytes
+    values: dict[str, str]
+
+
+class FileSecretStore:
+    """Secrets in one local JSON or YAML file: a mapping of secret path to value.
+
+    A file named ``*.json`` is read and written as JSON, any other name as YAML.
+    The file is read again when it changes on disk, and written atomically: a
+    temporary file with mode 0600 in the same folder, synced, then renamed over
+    the old one. A missing parent folder is created with mode 0700.
     """
 
     name = "file"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._signature: tuple[int, int] | None = None
-        self._values: dict[str, str] = {}
+        self._json = self.path.suffix.lower() == ".json"
+        self._snapshot: _Snapshot | None = None
         self._lock = asyncio.Lock()
 
     async def get(self, path: str) -> str | None:
-        _check_path(path)
-        return self._load().get(path)
+        check_secret_path(path)
+        values = await self._load()
+        return values.get(path)
 
     async def put(self, path: str, value: str) -> None:
-        _check_path(path)
+        check_secret_path(path)
         async with self._lock:
-            values = dict(self._load())
+            # A file that cannot be read is never overwritten, because its other
+            # secrets would be lost.
+            values = dict(await self._load())
             values[path] = value
-            await asyncio.to_thread(self._write, values)
-            self._values = values
-            self._signature = self._stat()
+            raw = self._encode(values)
+            await asyncio.to_thread(self._write, raw)
+            signature = self._stat()
+            if signature is not None:
+                self._snapshot = _Snapshot(signature, time.time_ns(), raw, values)
 
     async def close(self) -> None:
         return None
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> tuple[int, int, int, int] | None:
         try:
             info = self.path.stat()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise SecretStoreError(self.name, f"cannot read {self.path}: {exc}") from None
-        return (info.st_mtime_ns, info.st_size)
+            raise SecretStoreError(
+                self.name, f"cannot read {self.path}: {exc}"
+            ) from None
+        return (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino)
 
-    def _load(self) -> dict[str, str]:
+    async def _load(self) -> dict[str, str]:
         signature = self._stat()
         if signature is None:
-            self._values, self._signature = {}, None
-            return self._values
-        if signature == self._signature:
-            return self._values
-        try:
-            text = self.path.read_text(encoding="utf-8")
-            data = yaml.safe_load(text) if text.strip() else {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise SecretStoreError(
-                self.name, f"cannot read {self.path}: {type(exc).__name__}"
-            ) from None
-        if not isinstance(data, Mapping):
-            raise SecretStoreError(
-                self.name, f"{self.path} must contain a mapping of secret path to value"
-            )
-        self._values = {str(k): str(v) for k, v in data.items() if v is not None}
-        self._signature = signature
-        return self._values
+            self._snapshot = None
+            return {}
 
-    def _write(self, values: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
+        if signature[2] > MAX_FILE_BYTES:
+            raise SecretStoreError(
+                self.name,
+                f"{self.path} is larger than {MAX_FILE_BYTES} bytes, so check that "
+                "secrets.file.path names the secrets file",
+            )
+        snapshot = self._snapshot
+        now = time.time_ns()
+        if snapshot is not None and snapshot.signature == signature:
+            if snapshot.loaded_at_ns - signature[0] > _RACY_WINDOW_NS:
+                return snapshot.values
+
         try:
-            os.fchmod(handle, 0o600)
+            raw = await asyncio.to_thread(self.path.read_bytes)
+        except FileNotFoundError:
+            self._snapshot = None
+            return {}
+        except OSError as exc:
+            raise SecretStoreError(
+                self.name, f"cannot read {self.path}: {exc}"
+            ) from None
+
+        if snapshot is not None and snapshot.raw == raw:
+            values = snapshot.values
+        else:
+            values = self._decode(raw)
+            self._check_mode()
+        self._snapshot = _Snapshot(signature, now, raw, values)
+        return values
+
+    def _decode(self, raw: bytes) -> dict[str, str]:
+        if not raw.strip():
+            return {}
+        try:
+            if self._json:
+                document = jsonutil.loads(raw)
+            else:
+                document = yaml.safe_load(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise SecretStoreError(
+                self.name, f"{self.path} is not UTF-8 text"
+            ) from None
+        except jsonutil.JSONSyntaxError as exc:
+            # The decoder's message gives the position, never the content.
+            raise SecretStoreError(
+                self.name, f"{self.path} is not valid JSON: {exc}"
+            ) from None
+        except yaml.YAMLError as exc:
+            # PyYAML's message quotes the offending line, which may be a secret.
+            mark = getattr(exc, "problem_mark", None)
+            where = (
+                f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            )
+            raise SecretStoreError(
+                self.name, f"{self.path} is not valid YAML{where}"
+            ) from None
+
+        if document is None:
+            return {}
+        if not isinstance(document, Mapping):
+            raise SecretStoreError(
+                self.name,
+                f"{self.path} must contain a mapping of secret path to value, "
+                f"not a {type(document).__name__}",
+            )
+        values: dict[str, str] = {}
+        for key, value in document.items():
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise SecretStoreError(
+                    self.name,
+                    f"{self.path}: the value of {str(key)[:200]!r} is a "
+                    f"{type(value).__name__}; every value must be a string",
+                )
+            values[str(key)] = value
+        return values
+
+    def _check_mode(self) -> None:
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+        except OSError:
+            return
+        if mode & 0o077:
+            log.warning(
+                "secrets_file_permissions",
+                path=str(self.path),
+                mode=oct(mode),
+                message="the secrets file is readable by other users, so run "
+                "chmod 600 on it",
+            )
+
+    def _encode(self, values: Mapping[str, str]) -> bytes:
+        ordered = dict(sorted(values.items()))
+        if self._json:
+            return jsonutil.dumps(ordered) + b"\n"
+        text = yaml.safe_dump(ordered, default_flow_style=False, allow_unicode=True)
+        return text.encode("utf-8")
+
+    def _write(self, raw: bytes) -> None:
+        folder = self.path.parent
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(
+                dir=folder, prefix=f".{self.path.name}.", suffix=".tmp"
+            )
+        except OSError as exc:
+            raise SecretStoreError(
+                self.name, f"cannot write {self.path}: {exc}"
+            ) from None
+        try:
+            # mkstemp creates the file readable and writable by its owner only.
             with os.fdopen(handle, "wb") as stream:
-                stream.write(jsonutil.dumps(dict(sorted(values.items()))))
-                stream.write(b"\n")
+                stream.write(raw)
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(temporary, self.path)
-        except OSError as exc:
+        except BaseException as exc:
             Path(temporary).unlink(missing_ok=True)
-            raise SecretStoreError(self.name, f"cannot write {self.path}: {exc}") from None
+            if isinstance(exc, OSError):
+                raise SecretStoreError(
+                    self.name, f"cannot write {self.path}: {exc}"
+                ) from None
+            raise
+        _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    # The rename is durable only once the folder itself is synced.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# The ScaiVault backend
+
+_MAX_VAULT_BODY = 1024 * 1024
 
 
 class ScaiVaultSecretStore:
-    """Secrets in ScaiVault: ``GET``/``PUT /v1/secrets/{path}`` with a bearer token.
+    """Secrets in ScaiVault: ``GET`` and ``PUT /v1/secrets/{path}`` with a bearer token.
 
-    A secret object carries its value in ``data.value``.
+    A secret object is ``{"path", "secret_type", "version", "data": {...}}``
+    with the value in ``data.value``. 404 means the secret does not exist, and
+    every other failure raises :class:`SecretStoreError`.
     """
 
     name = "scaivault"
@@ -168,68 +321,109 @@ class ScaiVaultSecretStore:
         token: str,
     ) -> None:
         self._base_url = config.base_url
+        self._token_env = config.token_env
         self._session = session
-        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+        }
+        self._timeout_s = config.timeout_s
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
 
-    def _url(self, path: str) -> str:
-        return f"{self._base_url}/v1/secrets/{quote(path, safe='/')}"
+    def _url(self, path: str) -> URL:
+        # The path is checked first, so quoting only has ':' left to escape.
+        return URL(f"{self._base_url}/v1/secrets/{quote(path, safe='/')}", encoded=True)
 
     async def get(self, path: str) -> str | None:
-        _check_path(path)
-        try:
-            async with self._session().get(
-                self._url(path), headers=self._headers, timeout=self._timeout
-            ) as response:
-                status = response.status
-                body = await response.content.read(1024 * 1024)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise SecretStoreError(
-                self.name, f"request failed: {type(exc).__name__}"
-            ) from None
+        check_secret_path(path)
+        status, body = await self._exchange("GET", path, None)
         if status == 404:
             return None
         if status != 200:
-            raise SecretStoreError(self.name, f"GET answered HTTP {status}")
+            raise self._status_error("GET", status)
         try:
             document = jsonutil.loads(body)
         except jsonutil.JSONSyntaxError:
-            raise SecretStoreError(self.name, "GET answered with a non-JSON body") from None
+            raise SecretStoreError(
+                self.name, f"GET {path} returned a body that is not JSON"
+            ) from None
         data = document.get("data") if isinstance(document, dict) else None
         value = data.get("value") if isinstance(data, dict) else None
         if not isinstance(value, str):
             raise SecretStoreError(
-                self.name, "the secret object has no string 'data.value'"
+                self.name, f"the secret object at {path} has no string 'data.value'"
             )
         return value
 
     async def put(self, path: str, value: str) -> None:
-        _check_path(path)
-        payload = {"data": {"value": value}, "secret_type": "api_key"}
-        try:
-            async with self._session().put(
-                self._url(path),
-                data=jsonutil.dumps(payload),
-                headers={**self._headers, "Content-Type": "application/json"},
-                timeout=self._timeout,
-            ) as response:
-                status = response.status
-                await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise SecretStoreError(
-                self.name, f"request failed: {type(exc).__name__}"
-            ) from None
+        check_secret_path(path)
+        secret_type = "api_key" if path.endswith("_api_key") else "generic"
+        payload = jsonutil.dumps({"data": {"value": value}, "secret_type": secret_type})
+        status, _ = await self._exchange("PUT", path, payload)
         if status not in (200, 201, 204):
-            raise SecretStoreError(self.name, f"PUT answered HTTP {status}")
+            raise self._status_error("PUT", status)
 
     async def close(self) -> None:
+        # The session is the gateway's shared one, closed by the app.
         return None
+
+    async def _exchange(
+        self, method: str, path: str, payload: bytes | None
+    ) -> tuple[int, bytes]:
+        headers = dict(self._headers)
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._session().request(
+                method,
+                self._url(path),
+                data=payload,
+                headers=headers,
+                timeout=self._timeout,
+                # SECURITY: a redirect would carry the vault token elsewhere.
+                allow_redirects=False,
+            ) as response:
+                body = await _read_limited(response, _MAX_VAULT_BODY)
+                return response.status, body
+        except asyncio.TimeoutError:
+            raise SecretStoreError(
+                self.name, f"{method} {path} timed out after {self._timeout_s:g} s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise SecretStoreError(
+                self.name, f"{method} {path} failed: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _status_error(self, method: str, status: int) -> SecretStoreError:
+        if status in (401, 403):
+            return SecretStoreError(
+                self.name,
+                f"{method} returned HTTP {status}: the token in ${self._token_env} "
+                "is wrong, expired or lacks access to tenant secrets",
+            )
+        return SecretStoreError(self.name, f"{method} returned HTTP {status}")
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read the whole body, raising once it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise aiohttp.ClientPayloadError(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# Backend factories, as returned by the scaiproxy_secret_backends hook
 
 
 @dataclass
 class SecretBackendContext:
-    """What a secret backend factory may use besides its own config block."""
+    """Services a secret backend factory may use besides its own config block."""
 
+    #: The process environment (or the mapping a test passes to ``create_app``).
     environ: Mapping[str, str]
     #: Returns the gateway's shared client session; valid once the app runs.
     session: Callable[[], aiohttp.ClientSession]
@@ -238,25 +432,59 @@ class SecretBackendContext:
 SecretBackendFactory = Callable[[Mapping[str, Any], SecretBackendContext], SecretStore]
 
 
-def file_store(block: Mapping[str, Any], context: SecretBackendContext) -> FileSecretStore:
+def file_store(
+    block: Mapping[str, Any], context: SecretBackendContext
+) -> FileSecretStore:
+    """Build the ``file`` backend from the ``secrets.file`` block."""
     config = _parse(FileSecretsConfig, block, "file")
+    if not config.path:
+        raise ConfigError("secrets.file.path", "required value is missing")
     return FileSecretStore(config.path)
 
 
 def scaivault_store(
     block: Mapping[str, Any], context: SecretBackendContext
 ) -> ScaiVaultSecretStore:
+    """Build the ``scaivault`` backend from the ``secrets.scaivault`` block."""
     config = _parse(ScaiVaultConfig, block, "scaivault")
     if not config.base_url:
-        raise ConfigError("secrets.scaivault.base_url", "required value is missing")
-    token = context.environ.get(config.token_env)
+        raise ConfigError(
+            "secrets.scaivault.base_url",
+            "required value is missing; set it to ScaiVault's base URL, such as "
+            "https://scaivault.example.com",
+        )
+    token = context.environ.get(config.token_env, "").strip()
     if not token:
         raise ConfigError(
             "secrets.scaivault.token_env",
             f"environment variable {config.token_env} is not set; it must hold "
             "the ScaiVault bearer token",
         )
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ConfigError(
+            "secrets.scaivault.token_env",
+            f"the token in {config.token_env} contains spaces or control "
+            "characters; store the bare token",
+        )
+    url = URL(config.base_url)
+    if url.scheme == "http" and not is_loopback_host(url.host or ""):
+        log.warning(
+            "scaivault_plain_http",
+            base_url=config.base_url,
+            message="the ScaiVault token and tenant keys travel unencrypted, "
+            "so use an https base URL",
+        )
     return ScaiVaultSecretStore(config, context.session, token)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Tell whether ``host`` is ``localhost`` or an address in 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse(model: Any, block: Mapping[str, Any], name: str) -> Any:
@@ -271,6 +499,9 @@ def _parse(model: Any, block: Mapping[str, Any], name: str) -> Any:
         raise ConfigError(key, message) from None
 
 
+# The per-tenant cache
+
+
 @dataclass(frozen=True)
 class TenantSecrets:
     """A tenant's ScaiGrid key and base URL, as read from the store."""
@@ -282,9 +513,15 @@ class TenantSecrets:
 class TenantSecretCache:
     """Per-tenant secret reads, cached for a TTL (misses too), one lookup at a time.
 
-    Concurrent misses for one tenant share a single lookup, so a burst of requests
-    after a cache expiry costs the store one read per secret.
+    Concurrent misses for one tenant share a single lookup, so a burst of
+    requests after a cache expiry costs the store one read per secret. Failed
+    lookups are not cached. A write through :meth:`put` drops the tenant's entry,
+    so the next read of that tenant goes to the store. Other gateway processes
+    keep their entry until its TTL ends.
     """
+
+    #: Past this many entries, expired ones are dropped, then the oldest.
+    max_entries = 100_000
 
     def __init__(self, store: SecretStore | None, ttl_s: float) -> None:
         self.store = store
@@ -294,18 +531,37 @@ class TenantSecretCache:
         # Bumped on every write, so a lookup that started before it is not cached.
         self._generation: dict[str, int] = {}
 
+    @property
+    def backend(self) -> str:
+        """The configured backend's name, ``none`` without a store."""
+        return self.store.name if self.store is not None else "none"
+
     async def get(self, tenant_id: str) -> TenantSecrets:
+        """Return the tenant's secrets, looking them up on a cache miss.
+
+        Raises :class:`SecretStoreError` when the store fails and ``ValueError``
+        for a tenant id that cannot name a secret.
+        """
         if self.store is None:
             return TenantSecrets(None, None)
         entry = self._entries.get(tenant_id)
         if entry is not None and entry[0] > time.monotonic():
             return entry[1]
+
         pending = self._pending.get(tenant_id)
         if pending is None:
             pending = asyncio.ensure_future(self._lookup(tenant_id))
             self._pending[tenant_id] = pending
-            pending.add_done_callback(lambda _: self._pending.pop(tenant_id, None))
+            pending.add_done_callback(lambda done: self._forget(tenant_id, done))
         return await asyncio.shield(pending)
+
+    def _forget(self, tenant_id: str, done: asyncio.Future[TenantSecrets]) -> None:
+        # invalidate() may already have replaced this lookup with a newer one.
+        if self._pending.get(tenant_id) is done:
+            del self._pending[tenant_id]
+        # Mark the exception as retrieved even when every waiter was cancelled.
+        if not done.cancelled():
+            done.exception()
 
     async def _lookup(self, tenant_id: str) -> TenantSecrets:
         assert self.store is not None
@@ -316,8 +572,18 @@ class TenantSecretCache:
         )
         secrets = TenantSecrets(api_key or None, base_url or None)
         if self._ttl > 0 and generation == self._generation.get(tenant_id, 0):
-            self._entries[tenant_id] = (time.monotonic() + self._ttl, secrets)
+            self._remember(tenant_id, secrets)
         return secrets
+
+    def _remember(self, tenant_id: str, secrets: TenantSecrets) -> None:
+        now = time.monotonic()
+        if len(self._entries) >= self.max_entries:
+            for key in [k for k, (expiry, _) in self._entries.items() if expiry <= now]:
+                del self._entries[key]
+            while len(self._entries) >= self.max_entries:
+                del self._entries[next(iter(self._entries))]
+        self._entries.pop(tenant_id, None)
+        self._entries[tenant_id] = (now + self._ttl, secrets)
 
     def invalidate(self, tenant_id: str) -> None:
         """Drop what is cached for one tenant, so the next read goes to the store."""
@@ -326,7 +592,14 @@ class TenantSecretCache:
         self._generation[tenant_id] = self._generation.get(tenant_id, 0) + 1
 
     async def put(self, tenant_id: str, name: str, value: str) -> None:
+        """Write one tenant secret, then drop the tenant's cached entry."""
         if self.store is None:
-            raise SecretStoreError("none", "no secret store is configured (secrets.backend: none)")
-        await self.store.put(tenant_secret_path(tenant_id, name), value)
-        self.invalidate(tenant_id)
+            raise SecretStoreError(
+                "none", "no secret store is configured (secrets.backend: none)"
+            )
+        path = tenant_secret_path(tenant_id, name)
+        try:
+            await self.store.put(path, value)
+        finally:
+            # Also after a failed write, which may have reached the store.
+            self.invalidate(tenant_id)
