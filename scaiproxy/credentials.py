@@ -7,17 +7,20 @@ Every proxied call uses one credential, tried in this order, as the mode allows:
 3. the development key from an environment variable (``env_key``).
 
 ``auto`` tries all three, ``user_jwt`` only the first, ``api_key`` the last two.
+The mode comes from ``auth.upstream_credentials``, which the environment variable
+``SCAIFLOW_DEPLOY_AUTH`` overrides (see :func:`scaiproxy.config.settings_from_mapping`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import structlog
 
 from scaiproxy.auth import Principal
-from scaiproxy.config import Settings
+from scaiproxy.config import DEPLOY_AUTH_ENV_VAR, Settings, normalize_base_url
 from scaiproxy.errors import (
     BAD_GATEWAY,
     MISSING_CREDENTIALS,
@@ -25,7 +28,7 @@ from scaiproxy.errors import (
     ConfigError,
     ProxyError,
 )
-from scaiproxy.secrets import SecretStoreError, TenantSecretCache
+from scaiproxy.secrets import SecretStoreError, TenantSecretCache, TenantSecrets
 
 log = structlog.get_logger("scaiproxy.credentials")
 
@@ -38,6 +41,9 @@ ORDERS: dict[str, tuple[str, ...]] = {
     "user_jwt": (USER_JWT,),
     "api_key": (TENANT_KEY, ENV_KEY),
 }
+
+# SECURITY: a key is sent as a header value, so CR, LF and spaces must not pass.
+_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]{1,4096}")
 
 
 def mask(secret: str) -> str:
@@ -72,28 +78,51 @@ class CredentialResolver:
     ) -> None:
         self.mode = settings.auth.upstream_credentials
         self.order = ORDERS[self.mode]
+        self.env_var = settings.auth.env_api_key_var
         self._upstream = settings.upstream
         self._secrets = secrets
-        self._env_key = None
-        env_var = settings.auth.env_api_key_var
-        env_value = environ.get(env_var, "").strip()
-        if env_value and ENV_KEY in self.order:
-            if settings.production:
-                raise ConfigError(
-                    "auth.env_api_key_var",
-                    f"the development key in ${env_var} is not allowed with "
-                    f"environment: production; unset {env_var} or store tenant keys",
-                )
-            self._env_key = env_value
-            log.warning(
-                "development_key_enabled",
-                env_var=env_var,
-                masked_key=mask(env_value),
-                message="requests without a user token or tenant key use this key",
+        self._credentials_route = (
+            f"POST {settings.server.base_path}/v1/tenants/me/scaigrid_credentials"
+        )
+        if settings.auth.mode == "disabled" and self.mode == "user_jwt":
+            raise ConfigError(
+                "auth.upstream_credentials",
+                "'user_jwt' forwards the caller's verified token, but auth.mode: "
+                "disabled verifies none, so every call would fail; use auto or "
+                f"api_key (the value may come from {DEPLOY_AUTH_ENV_VAR})",
             )
-        self.env_var = env_var
+        self._env_key = self._development_key(settings, environ)
+
+    def _development_key(
+        self, settings: Settings, environ: Mapping[str, str]
+    ) -> str | None:
+        value = environ.get(self.env_var, "").strip()
+        if not value or ENV_KEY not in self.order:
+            return None
+        if settings.production:
+            raise ConfigError(
+                "auth.env_api_key_var",
+                f"the development key in ${self.env_var} is not allowed with "
+                f"environment: production; unset {self.env_var} and store tenant "
+                "keys in the secret store",
+            )
+        if not _KEY_CHARACTERS.fullmatch(value):
+            raise ConfigError(
+                "auth.env_api_key_var",
+                f"the key in ${self.env_var} contains spaces, control or non-ASCII "
+                "characters; set the bare sgk_ key",
+            )
+        log.warning(
+            "development_key_enabled",
+            env_var=self.env_var,
+            masked_key=mask(value),
+            message="calls without a user token or tenant key use this key; "
+            "never use it outside development",
+        )
+        return value
 
     async def resolve(self, principal: Principal) -> Credential:
+        """Choose the credential and base URL, or raise a 412 or 502."""
         tenant = principal.tenant_id
         secrets = await self._tenant_secrets(tenant)
         base_url = self._base_url(tenant, secrets.base_url)
@@ -103,7 +132,7 @@ class CredentialResolver:
                 token = principal.token
                 return Credential(USER_JWT, f"Bearer {token}", base_url, "jwt")
             if source == TENANT_KEY and secrets.api_key:
-                key = secrets.api_key
+                key = self._checked_tenant_key(tenant, secrets.api_key)
                 return Credential(TENANT_KEY, f"Bearer {key}", base_url, mask(key))
             if source == ENV_KEY and self._env_key:
                 key = self._env_key
@@ -114,15 +143,22 @@ class CredentialResolver:
             MISSING_CREDENTIALS,
             f"No ScaiGrid credential is available for tenant {tenant!r} "
             f"(upstream credential mode {self.mode!r}).",
-            fix=(
-                "A tenant admin sets the tenant's ScaiGrid key with "
-                "POST /api/v1/tenants/me/scaigrid_credentials, or sign in with "
-                "ScaiKey so that your own token can be forwarded."
-            ),
+            fix=self._missing_fix(),
             tenant_id=tenant,
         )
 
-    async def _tenant_secrets(self, tenant: str):
+    def _missing_fix(self) -> str:
+        store_key = (
+            f"A tenant admin sets the tenant's ScaiGrid key with "
+            f"{self._credentials_route}"
+        )
+        if self.mode == "api_key":
+            return f"{store_key}."
+        if self.mode == "user_jwt":
+            return "Sign in with ScaiKey so that your own token can be forwarded."
+        return f"{store_key}, or sign in with ScaiKey so that your token is forwarded."
+
+    async def _tenant_secrets(self, tenant: str) -> TenantSecrets:
         try:
             return await self._secrets.get(tenant)
         except SecretStoreError as exc:
@@ -137,23 +173,40 @@ class CredentialResolver:
                 SECRET_STORE_UNAVAILABLE,
                 f"The secret store ({exc.backend}) could not be read for tenant "
                 f"{tenant!r}.",
-                fix="Try again shortly; operators should check the secrets settings.",
+                fix="Try again shortly; operators should check the secrets "
+                f"settings (secrets.{exc.backend}).",
+                backend=exc.backend,
             ) from None
         except ValueError:
+            # Principals carry checked tenant ids, so this is a gateway bug.
+            log.error("tenant_id_rejected_by_store", tenant_id=tenant[:140])
             raise ProxyError(
                 502,
-                MISSING_CREDENTIALS,
+                BAD_GATEWAY,
                 f"The tenant id {tenant[:140]!r} cannot name a secret.",
             ) from None
+
+    def _checked_tenant_key(self, tenant: str, key: str) -> str:
+        if _KEY_CHARACTERS.fullmatch(key):
+            return key
+        log.warning("tenant_key_malformed", tenant_id=tenant)
+        raise ProxyError(
+            412,
+            MISSING_CREDENTIALS,
+            f"The ScaiGrid key stored for tenant {tenant!r} contains spaces, "
+            "control or non-ASCII characters.",
+            fix=f"A tenant admin stores the key again with {self._credentials_route}.",
+            tenant_id=tenant,
+        )
 
     def _base_url(self, tenant: str, stored: str | None) -> str:
         if not stored:
             return self._upstream.base_url
         try:
-            allowed = self._upstream.allows(stored)
+            url = normalize_base_url(stored.strip())
         except ValueError:
-            allowed = False
-        if not allowed:
+            url = None
+        if url is None or not self._upstream.allows(url):
             log.warning("tenant_base_url_rejected", tenant_id=tenant)
             raise ProxyError(
                 502,
@@ -163,4 +216,4 @@ class CredentialResolver:
                 fix="An operator adds it to upstream.allowed_base_urls, or a tenant "
                 "admin stores an allowed base URL.",
             )
-        return stored.rstrip("/")
+        return url

@@ -251,3 +251,143 @@ async def gateway(make_gateway, upstream, jwks_server):
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def log_stream():
+    """Send the gateway's log lines, as JSON, to a StringIO that the test reads.
+
+    Restores the root logger's level and structlog's defaults afterwards.
+    """
+    import io
+    import logging
+
+    import structlog
+
+    from scaiproxy.config import LoggingConfig
+    from scaiproxy.logs import configure_logging
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    configure_logging(LoggingConfig(level="debug", format="json"), stream=stream)
+    yield stream
+    for handler in list(root.handlers):
+        if getattr(handler, "_scaiproxy", False):
+            root.removeHandler(handler)
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+async def simulator():
+    """A running ScaiGrid simulator on 127.0.0.1 (seed 7, no faults)."""
+    from scaiproxy.simulator import SimOptions, Simulator
+
+    sim = Simulator(SimOptions())
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+@dataclass
+class GatewayProcess:
+    """A ``scaiproxy serve`` child process and where it listens."""
+
+    process: Any
+    url: str
+    port: int
+    log_path: Any
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture
+async def gateway_process(tmp_path):
+    """Start ``scaiproxy serve`` as a child process from a config mapping.
+
+    ``await start(config, environ=...)`` writes the YAML, picks a free loopback
+    port, waits until ``/readyz`` answers 200 and returns a
+    :class:`GatewayProcess`. The child gets only ``PATH`` and ``environ`` as its
+    environment. Processes still running at teardown get SIGTERM, then SIGKILL.
+    """
+    import asyncio
+    import os
+    import socket
+    import sys
+    from pathlib import Path
+
+    import aiohttp
+    import yaml
+
+    started: list[GatewayProcess] = []
+    script = Path(sys.executable).with_name("scaiproxy")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "scaiproxy.cli"]
+
+    async def start(
+        config: dict[str, Any],
+        *,
+        environ: dict[str, str] | None = None,
+        ready_timeout_s: float = 30.0,
+    ) -> GatewayProcess:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        number = len(started)
+        config_path = tmp_path / f"gateway-{number}.yaml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        log_path = tmp_path / f"gateway-{number}.log"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(environ or {})}
+        with open(log_path, "wb") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                "serve",
+                "--config",
+                str(config_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                cwd=str(tmp_path),
+            )
+        child = GatewayProcess(process, f"http://127.0.0.1:{port}", port, log_path)
+        started.append(child)
+
+        deadline = asyncio.get_running_loop().time() + ready_timeout_s
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError(
+                        f"scaiproxy serve exited with {process.returncode}:\n"
+                        + child.log_text()[-4000:]
+                    )
+                try:
+                    async with session.get(
+                        child.url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                    ) as response:
+                        if response.status == 200:
+                            return child
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(
+                        f"scaiproxy serve was not ready in {ready_timeout_s} s:\n"
+                        + child.log_text()[-4000:]
+                    )
+                await asyncio.sleep(0.1)
+
+    yield start
+
+    for child in started:
+        process = child.process
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
