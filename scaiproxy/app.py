@@ -77,10 +77,28 @@ def create_app(
     if settings.auth.mode == "disabled":
         app[DEV_PRINCIPAL] = dev_principal(settings.auth)
 
-    base = settings.server.base_path
-    for spec in specs:
-        app.router.add_route(spec.method, base + spec.path, make_handler(spec), name=spec.name)
     _add_operational_routes(app, settings, specs)
+    base = settings.server.base_path
+    operational = {"/healthz", "/readyz", "/metrics", settings.server.openapi_path}
+    for spec in specs:
+        if base + spec.path in operational:
+            raise ConfigError(
+                "plugins.enabled",
+                f"route {spec.name!r} of plugin {spec.plugin!r} uses the path "
+                f"{base + spec.path}, which an operational route serves",
+            )
+        try:
+            app.router.add_route(
+                spec.method, base + spec.path, make_handler(spec), name=spec.name
+            )
+        except (ValueError, RuntimeError) as exc:
+            # aiohttp rejects names that are not identifiers, names already
+            # taken by an operational route, and paths it cannot parse.
+            raise ConfigError(
+                "plugins.enabled",
+                f"route {spec.name!r} ({spec.method} {base + spec.path}) of plugin "
+                f"{spec.plugin!r} cannot be registered: {exc}",
+            ) from None
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_mark_not_ready)
@@ -94,9 +112,23 @@ def _secret_store(
     app: web.Application,
 ) -> SecretStore | None:
     name = settings.secrets.backend
+    backends = host.secret_backends()
+    # secrets.<name> blocks are open for plugin backends, so a misspelt block
+    # name is caught here, once the backends are known.
+    for block, value in (settings.secrets.model_extra or {}).items():
+        if block not in backends:
+            raise ConfigError(
+                f"secrets.{block}",
+                f"unknown key; no secret backend is named {block!r} (available: "
+                f"{', '.join(sorted(backends))})",
+            )
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(
+                f"secrets.{block}",
+                f"expected a mapping of the backend's settings, got {value!r:.80}",
+            )
     if name == "none":
         return None
-    backends = host.secret_backends()
     if name not in backends:
         raise ConfigError(
             "secrets.backend",

@@ -20,7 +20,8 @@ from scaiproxy.errors import ConfigError
 CONFIG_ENV_VAR = "SCAIPROXY_CONFIG"
 DEPLOY_AUTH_ENV_VAR = "SCAIFLOW_DEPLOY_AUTH"
 
-_placeholder = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ``$$``, ``${NAME}``, ``${NAME:-default}``, and any other ``${`` (an error).
+_placeholder = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
 DEFAULT_ROLE_PERMISSIONS: dict[str, list[str]] = {
     "super_admin": ["scaicore:*"],
@@ -42,6 +43,13 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(1024 * 1024, gt=0)
     shutdown_timeout_s: float = Field(30.0, gt=0)
     openapi_path: str = "/openapi.json"
+
+    @field_validator("openapi_path")
+    @classmethod
+    def _check_openapi_path(cls, value: str) -> str:
+        if not value.startswith("/") or "{" in value or "}" in value:
+            raise ValueError(f"expected a path such as /openapi.json, got {value!r}")
+        return value
 
     @field_validator("base_path")
     @classmethod
@@ -212,6 +220,13 @@ def expand_env(value: Any, environ: Mapping[str, str], path: str = "") -> Any:
         def replace(match: re.Match[str]) -> str:
             if match.group(0) == "$$":
                 return "$"
+            if match.group(0) == "${":
+                raise ConfigError(
+                    path,
+                    f"invalid placeholder at character {match.start() + 1}; write "
+                    "${NAME} or ${NAME:-default} with NAME of letters, digits and "
+                    "_, or $$ for a literal $",
+                )
             name, default = match.group(1), match.group(2)
             if name in environ:
                 return environ[name]
@@ -261,7 +276,13 @@ def load_settings(
             "", f"config file {str(config_path)!r} not found; pass --config PATH"
         ) from None
     except OSError as exc:
-        raise ConfigError("", f"cannot read config file {str(config_path)!r}: {exc}")
+        raise ConfigError(
+            "", f"cannot read config file {str(config_path)!r}: {exc}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "", f"config file {str(config_path)!r} is not UTF-8 text: {exc}"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -281,6 +302,10 @@ def settings_from_mapping(
     """Validate an already parsed config mapping (tests build configs this way)."""
     environ = os.environ if environ is None else environ
     data = expand_env(dict(raw), environ)
+    for section in Settings.model_fields:
+        # A YAML section whose keys are all commented out parses as null.
+        if section in data and data[section] is None:
+            data[section] = {}
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
@@ -293,13 +318,13 @@ def settings_from_mapping(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         errors = format_errors(exc)
-        if deploy_auth and any(
-            key == "auth.upstream_credentials" for key, _ in errors
-        ):
+        if deploy_auth and any(key == "auth.upstream_credentials" for key, _ in errors):
             errors = [
-                (key, f"{message} (set by {DEPLOY_AUTH_ENV_VAR})")
-                if key == "auth.upstream_credentials"
-                else (key, message)
+                (
+                    (key, f"{message} (set by {DEPLOY_AUTH_ENV_VAR})")
+                    if key == "auth.upstream_credentials"
+                    else (key, message)
+                )
                 for key, message in errors
             ]
         raise ConfigError(errors[0][0], _join_messages(errors)) from None
@@ -311,7 +336,10 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     *parents, last = dotted.split(".")
     for key in parents:
-        node = node.setdefault(key, {})
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            return  # validation reports the section's wrong type
+        node = child
     node[last] = value
 
 
@@ -323,9 +351,7 @@ def _join_messages(errors: list[tuple[str, str]]) -> str:
     return f"{first}; also {rest}"
 
 
-def format_errors(
-    exc: ValidationError, prefix: str = ""
-) -> list[tuple[str, str]]:
+def format_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
     """Turn pydantic errors into ``(key path, message)`` pairs."""
     result = []
     for error in exc.errors():
@@ -410,9 +436,7 @@ def check_settings(settings: Settings) -> None:
                 "auth.hs256_secret in development)",
             )
         if not auth.issuers:
-            raise ConfigError(
-                "auth.issuers", "list at least one accepted token issuer"
-            )
+            raise ConfigError("auth.issuers", "list at least one accepted token issuer")
         if not auth.audience:
             raise ConfigError(
                 "auth.audience",

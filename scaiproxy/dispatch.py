@@ -30,6 +30,12 @@ log = structlog.get_logger("scaiproxy.dispatch")
 
 # A rejected value of these fields is never echoed back, as it may be a secret.
 _SECRET_FIELD = re.compile(r"(?i)key|token|secret|password")
+# W3C Trace Context, version 00 layout: version-trace_id-parent_id-flags in
+# lowercase hex; all-zero ids and version ff are invalid.
+_TRACEPARENT = re.compile(
+    r"(?P<version>[0-9a-f]{2})-(?P<trace_id>[0-9a-f]{32})-"
+    r"(?P<parent_id>[0-9a-f]{16})-(?P<flags>[0-9a-f]{2})"
+)
 
 
 def make_handler(spec: RouteSpec) -> Any:
@@ -105,11 +111,15 @@ def _path_params(spec: RouteSpec, request: web.Request) -> dict[str, str]:
 
 
 def _traceparent(request: web.Request) -> str | None:
-    value = request.headers.get("traceparent")
-    # W3C trace context: version-traceid-parentid-flags, hex only.
-    if value and len(value) <= 55 and all(c in "0123456789abcdef-" for c in value):
-        return value
-    return None
+    values = request.headers.getall("traceparent", [])
+    if len(values) != 1:
+        return None
+    match = _TRACEPARENT.fullmatch(values[0])
+    if match is None or match["version"] == "ff":
+        return None
+    if set(match["trace_id"]) == {"0"} or set(match["parent_id"]) == {"0"}:
+        return None
+    return values[0]
 
 
 def _query(spec: RouteSpec, request: web.Request) -> BaseModel | None:
@@ -117,14 +127,16 @@ def _query(spec: RouteSpec, request: web.Request) -> BaseModel | None:
     errors: list[dict[str, str]] = []
     fields = spec.query.model_fields if spec.query else {}
     values: dict[str, str] = {}
+    seen: set[str] = set()
     for key in raw:
-        if key in values:
+        if key in seen:
             continue
+        seen.add(key)
         if key not in fields:
             allowed = ", ".join(fields) or "none"
             errors.append(
                 {
-                    "field": key[:64],
+                    "field": key[:64] or "(empty name)",
                     "location": "query",
                     "message": f"unknown query parameter; allowed: {allowed}",
                 }
@@ -166,7 +178,7 @@ async def _body(spec: RouteSpec, request: web.Request, limit: int) -> BaseModel 
             fix="Send a JSON object with Content-Type: application/json.",
         )
     try:
-        document = jsonutil.loads(raw)
+        document = jsonutil.loads(raw, max_depth=jsonutil.MAX_REQUEST_DEPTH)
     except jsonutil.JSONSyntaxError as exc:
         raise ProxyError(
             400,
@@ -179,19 +191,23 @@ async def _body(spec: RouteSpec, request: web.Request, limit: int) -> BaseModel 
             400,
             INVALID_JSON,
             f"The request body is a JSON {type(document).__name__}, not an object.",
-            fix="Send a JSON object, such as {\"key\": \"value\"}.",
+            fix='Send a JSON object, such as {"key": "value"}.',
         )
     try:
         return spec.body.model_validate(document)
     except ValidationError as exc:
-        raise validation_error(_describe(exc, "body")) from None
+        raise validation_error(_describe(exc, "body", spec.body)) from None
 
 
-def _describe(exc: ValidationError, location: str) -> list[dict[str, str]]:
+def _describe(
+    exc: ValidationError, location: str, model: type[BaseModel] | None = None
+) -> list[dict[str, str]]:
     entries = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or location
         secret = _SECRET_FIELD.search(field) is not None
         message = describe_error(error, show_input=not secret)
+        if error["type"] == "extra_forbidden" and model and len(error["loc"]) == 1:
+            message = f"unknown field; allowed: {', '.join(model.model_fields)}"
         entries.append({"field": field[:128], "location": location, "message": message})
     return entries

@@ -1,9 +1,11 @@
 """The hooks a scaiproxy plugin may implement, grouped by lifecycle phase.
 
 Implement a hook with ``@scaiproxy.hookimpl`` on a function of the same name in
-the plugin module. Hooks that receive ``config`` are called once per plugin,
-in the order of ``plugins.enabled``, with that plugin's own parsed config: the
-value its ``scaiproxy_configure`` returned.
+the plugin module. Every hook is called plugin by plugin: the core's own plugin
+first, then the plugins in the order of ``plugins.enabled`` (shutdown in
+reverse). Hooks that receive ``config`` get that plugin's own parsed config:
+the value its ``scaiproxy_configure`` returned. docs/hooks.md describes each
+hook with an example.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ def scaiproxy_configure(block: Mapping[str, Any], settings: Settings) -> Any:
 def scaiproxy_secret_backends() -> Mapping[str, SecretBackendFactory]:
     """Return secret store backends, by the name ``secrets.backend`` selects.
 
-    Called once at start-up for every registered plugin. A factory is called as
-    ``factory(block, context)`` with the ``secrets.<name>`` block and a
-    :class:`scaiproxy.secrets.SecretBackendContext`, and returns an object with
+    Called once when the app is built, unless ``secrets.backend`` is ``none``.
+    Only the selected backend's factory is called, as ``factory(block, context)``
+    with the ``secrets.<name>`` block and a
+    :class:`scaiproxy.secrets.SecretBackendContext`; it returns an object with
     async ``get(path)``, ``put(path, value)`` and ``close()``. Return ``None`` or
-    ``{}`` to add none.
+    ``{}`` to add none. A name that two plugins return stops the start-up.
     """
 
 
@@ -61,13 +64,14 @@ def scaiproxy_secret_backends() -> Mapping[str, SecretBackendFactory]:
 def scaiproxy_routes(config: Any, settings: Settings) -> list[RouteSpec]:
     """Return the plugin's routes as :class:`scaiproxy.RouteSpec` objects.
 
-    Called once at start-up, after ``scaiproxy_configure``.
+    Called once when the app is built, after ``scaiproxy_configure``.
 
     :param config: what the plugin's ``scaiproxy_configure`` returned, or ``None``.
     :param settings: the gateway's validated settings.
 
-    Paths are relative to ``server.base_path``. The core rejects two routes with
-    the same method and path shape, naming both plugins.
+    Return ``None`` or ``[]`` for no routes. Paths are relative to
+    ``server.base_path``. The core rejects two routes with the same method and
+    path shape, or the same name, naming both plugins.
     """
 
 
@@ -79,7 +83,8 @@ async def scaiproxy_startup(app: web.Application, config: Any) -> None:
     """Prepare what the plugin needs at run time; awaited when the app starts.
 
     Called after the shared upstream session is open, in ``plugins.enabled`` order.
-    An exception stops the start-up.
+    An exception stops the start-up; the plugins started before it are shut down.
+    A plain function may implement it too.
     """
 
 
@@ -87,6 +92,7 @@ async def scaiproxy_startup(app: web.Application, config: Any) -> None:
 async def scaiproxy_shutdown(app: web.Application, config: Any) -> None:
     """Release what ``scaiproxy_startup`` acquired; awaited when the app stops.
 
-    Called in reverse ``plugins.enabled`` order, before the upstream session is
-    closed. Exceptions are logged and do not stop the other plugins' shutdown.
+    Called in reverse ``plugins.enabled`` order for each plugin whose start-up
+    completed, before the upstream session is closed. Exceptions are logged and
+    do not stop the other plugins' shutdown.
     """

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+#: Maximum nesting depth of arrays and objects in a request body.
+MAX_REQUEST_DEPTH = 128
 
 
 def _reject_constant(name: str) -> Any:
@@ -37,27 +39,54 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:
-        # orjson rejects integers beyond 64 bits; the standard library does not.
+        # orjson rejects integers beyond 64 bits, nesting deeper than 254 levels
+        # and lone surrogates; the standard library encodes all three.
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        return text.encode("utf-8")
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (valid in JSON text, not in UTF-8) stays escaped.
+            return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
-def loads(data: bytes | str) -> Any:
-    """Decode JSON exactly: big integers stay integers, key order is kept."""
+def loads(data: bytes | str, max_depth: int | None = None) -> Any:
+    """Decode JSON exactly: big integers stay integers, key order is kept.
+
+    ``max_depth`` rejects documents whose arrays and objects nest deeper than
+    that many levels, so that the value can later be encoded again safely.
+    """
     if isinstance(data, bytes | bytearray | memoryview):
         data = decode_text(bytes(data))
     try:
-        return _decoder.decode(data)
+        value = _decoder.decode(data)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise JSONSyntaxError(str(exc)) from exc
+    if max_depth is not None and nesting_depth(value, max_depth) > max_depth:
+        raise JSONSyntaxError(f"nested deeper than {max_depth} levels")
+    return value
 
 
-def loads_request(data: bytes) -> Any:
-    """Decode a request body; orjson is fine here because nothing is forwarded raw."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise JSONSyntaxError(str(exc)) from exc
+def nesting_depth(value: Any, limit: int) -> int:
+    """Measure how deeply arrays and objects nest in ``value``, up to ``limit + 1``.
+
+    The walk uses an explicit stack, so no depth reached by a decoder can
+    exhaust Python's recursion limit here.
+    """
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def decode_text(data: bytes) -> str:

@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+import structlog.tracebacks
+from aiohttp.http_exceptions import HttpProcessingError
 
 from scaiproxy.config import LoggingConfig
 
@@ -52,12 +54,44 @@ def _redact_value(value: Any) -> Any:
     return value
 
 
-def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: dict[str, Any]
+) -> dict[str, Any]:
     """structlog processor: mask secrets in every field, the message included."""
     for key, value in event_dict.items():
         if isinstance(value, str | dict | list | tuple):
             event_dict[key] = _redact_value(value)
     return event_dict
+
+
+def _drop_record_message(
+    _logger: Any, _method: str, event_dict: dict[str, Any]
+) -> dict[str, Any]:
+    # Another handler's Formatter may have set LogRecord.message, which
+    # ExtraAdder then copies; it repeats the event.
+    if event_dict.get("message") == event_dict.get("event"):
+        del event_dict["message"]
+    return event_dict
+
+
+def _shorten_parser_error(record: logging.LogRecord) -> bool:
+    """Log a request that aiohttp's HTTP parser rejected as one short INFO line.
+
+    aiohttp logs it at ERROR with a traceback, and the exception's message
+    quotes up to 100 bytes of the rejected line: possibly a cookie or a token.
+    The request never reached the app; the client already got a 400.
+    """
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.msg = "http_request_rejected"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno = logging.INFO
+        record.levelname = "INFO"
+        record.error = type(error).__name__
+        record.status = error.code
+    return True
 
 
 def _json_dumps(value: Any, **_: Any) -> str:
@@ -84,7 +118,11 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     if use_json:
-        shared.insert(-1, structlog.processors.dict_tracebacks)
+        # SECURITY: frame locals can hold tokens, keys and cookies; leave them out.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        shared.insert(-1, tracebacks)
         shared.remove(structlog.processors.format_exc_info)
 
     structlog.configure(
@@ -98,7 +136,11 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        foreign_pre_chain=[
+            structlog.stdlib.ExtraAdder(),
+            _drop_record_message,
+            *shared,
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             renderer,
@@ -106,6 +148,7 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_shorten_parser_error)
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_scaiproxy", False):

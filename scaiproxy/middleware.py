@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("scaiproxy.request")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+#: The status logged when the client closed the connection before the response.
+CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Keys of per-request state in the aiohttp request mapping.
@@ -81,14 +83,24 @@ def tracing_middleware(metrics: Metrics) -> Any:
             if not response.prepared:
                 response.headers[REQUEST_ID_HEADER] = request_id
             return response
+        except web.HTTPException as exc:
+            # Only statuses below 400 get here: the error middleware handles others.
+            status = exc.status
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            raise
         except asyncio.CancelledError:
-            status = 499
+            status = CLIENT_CLOSED_REQUEST
             raise
         finally:
             duration = time.perf_counter() - started
+            transport = request.transport
+            disconnected = transport is None or transport.is_closing()
+            if disconnected:
+                # The client left before the response was sent: 499, as nginx logs it.
+                status = CLIENT_CLOSED_REQUEST
             metrics.requests.labels(route, request.method, str(status)).inc()
             metrics.duration.labels(route).observe(duration)
-            _access_event(request, spec, route, status, duration)
+            _access_event(request, spec, route, status, duration, disconnected)
             structlog.contextvars.clear_contextvars()
 
     return tracing
@@ -105,6 +117,7 @@ def _access_event(
     route: str,
     status: int,
     duration: float,
+    disconnected: bool,
 ) -> None:
     fields: dict[str, Any] = {
         "method": request.method,
@@ -128,10 +141,9 @@ def _access_event(
             fields["upstream_status"] = upstream.last_status
         if upstream.last is not None:
             fields["upstream_duration_ms"] = round(upstream.last.duration_ms, 3)
-            if upstream.last.request_id:
-                fields["upstream_request_id"] = upstream.last.request_id[:128]
-    transport = request.transport
-    if status == 499 or transport is None or transport.is_closing():
+        if upstream.last_request_id:
+            fields["upstream_request_id"] = upstream.last_request_id[:128]
+    if disconnected or status == CLIENT_CLOSED_REQUEST:
         log.info("client_disconnected", **fields)
     log.info("request", **fields)
 

@@ -29,10 +29,12 @@ _ERROR_SCHEMA = {
 
 # The errors any plugin route can answer, besides those of its own.
 _COMMON_ERRORS = {
+    "400": "ScaiGrid rejected a value of the request (upstream_error)",
     "401": "Missing or invalid ScaiKey token",
     "403": "The caller lacks the route's permission",
     "404": "No such route",
     "405": "Method not allowed",
+    "409": "ScaiGrid reported a conflict, such as a resolved checkpoint",
     "412": "No upstream credential could be chosen",
     "413": "Body over server.max_body_bytes",
     "422": "Invalid query, path or body value",
@@ -51,6 +53,7 @@ def build_openapi(settings: Settings, specs: list[RouteSpec]) -> dict[str, Any]:
     for spec in specs:
         path = settings.server.base_path + spec.path
         paths.setdefault(path, {})[spec.method.lower()] = _operation(spec, schemas)
+    paths.update(_operational_paths(settings))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -96,7 +99,7 @@ def _operation(spec: RouteSpec, schemas: dict[str, Any]) -> dict[str, Any]:
             operation.get("description", "") + f"\n\nRequires: {needs}."
         ).strip()
     if spec.query is not None:
-        operation["parameters"].extend(_query_parameters(spec.query))
+        operation["parameters"].extend(_query_parameters(spec.query, schemas))
     if spec.body is not None:
         operation["requestBody"] = {
             "required": True,
@@ -129,7 +132,10 @@ def _responses(spec: RouteSpec) -> dict[str, Any]:
     for status, description in _COMMON_ERRORS.items():
         responses[status] = {"description": description, "content": error}
     if spec.body is not None:
-        responses["400"] = {"description": "Body is not a JSON object", "content": error}
+        responses["400"] = {
+            "description": "Body is not a JSON object, or ScaiGrid rejected a value",
+            "content": error,
+        }
     return responses
 
 
@@ -140,15 +146,76 @@ def _schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
-    schema = model.model_json_schema()
+def _query_parameters(
+    model: type[BaseModel], schemas: dict[str, Any]
+) -> list[dict[str, Any]]:
+    schema = _schema(model, schemas)
     required = set(schema.get("required", []))
     parameters = []
     for name, prop in schema.get("properties", {}).items():
         prop = dict(prop)
         prop.pop("title", None)
-        parameter = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        parameter = {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "schema": prop,
+        }
         if "description" in prop:
             parameter["description"] = prop.pop("description")
         parameters.append(parameter)
     return parameters
+
+
+def _operational_paths(settings: Settings) -> dict[str, Any]:
+    """Describe the unauthenticated routes outside the base path."""
+
+    def status_schema(value: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "object",
+                    "properties": {"status": {"type": "string", "const": value}},
+                }
+            },
+        }
+
+    def operation(
+        name: str, summary: str, content: dict[str, Any], **extra: Any
+    ) -> dict[str, Any]:
+        responses = {"200": {"description": summary, "content": content}, **extra}
+        return {
+            "get": {
+                "operationId": name,
+                "summary": summary,
+                "tags": ["operations"],
+                "security": [],
+                "responses": responses,
+            }
+        }
+
+    def json_content(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"application/json": {"schema": schema}}
+
+    error = json_content({"$ref": "#/components/schemas/Error"})
+    return {
+        "/healthz": operation(
+            "healthz", "The process is up", json_content(status_schema("ok"))
+        ),
+        "/readyz": operation(
+            "readyz",
+            "The gateway is started and its upstream session is open",
+            json_content(status_schema("ready")),
+            **{"503": {"description": "Starting or stopping", "content": error}},
+        ),
+        "/metrics": operation(
+            "metrics",
+            "Prometheus metrics in the text exposition format",
+            {"text/plain": {"schema": {"type": "string"}}},
+        ),
+        settings.server.openapi_path: operation(
+            "openapi", "This OpenAPI document", json_content({"type": "object"})
+        ),
+    }

@@ -28,7 +28,9 @@ def shape_error(call: Call, what: str, problem: str) -> Exception:
         "upstream_bad_shape",
         route=call.route.name,
         problem=problem,
-        upstream_request_id=call.upstream.last.request_id if call.upstream.last else None,
+        upstream_request_id=(
+            call.upstream.last.request_id if call.upstream.last else None
+        ),
     )
     return bad_gateway(f"ScaiGrid answered {what} of an unexpected shape: {problem}.")
 
@@ -95,21 +97,34 @@ def data_object(call: Call, response: UpstreamResponse, what: str) -> RawJSON:
         if not isinstance(value, dict):
             raise shape_error(call, what, "'data' is not an object")
         return RawJSON(text[begin:end].encode())
-    if "error" in members or "status" in members:
+    # ScaiGrid's envelopes carry "error" or "status": "ok"/"error"; a bare object
+    # such as a checkpoint may have a "status" of its own.
+    status = members.get("status", (None,))[0]
+    if "error" in members or status in ("ok", "error"):
         raise shape_error(call, what, "no 'data' member")
     return RawJSON(text.strip().encode())
 
 
-def data_list(call: Call, response: UpstreamResponse, what: str) -> tuple[list[Any], Any]:
+def data_list(
+    call: Call, response: UpstreamResponse, what: str
+) -> tuple[list[Any], Any]:
     """Decode a list page exactly; returns the items and the next cursor (or None)."""
     document = response.json()
     if not isinstance(document, dict):
         raise shape_error(call, what, "not a JSON object")
     data = document.get("data")
     if isinstance(data, dict) and isinstance(data.get("items"), list):
-        items, cursor, more = data["items"], data.get("next_cursor"), data.get("has_more")
+        items, cursor, more = (
+            data["items"],
+            data.get("next_cursor"),
+            data.get("has_more"),
+        )
     elif isinstance(data, list):
-        items, cursor, more = data, document.get("next_cursor"), document.get("has_more")
+        items, cursor, more = (
+            data,
+            document.get("next_cursor"),
+            document.get("has_more"),
+        )
     else:
         raise shape_error(call, what, "'data' is neither a list nor has 'items'")
     if cursor is not None and not isinstance(cursor, str):

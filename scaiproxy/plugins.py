@@ -43,6 +43,8 @@ class PluginHost:
         self.manager.add_hookspecs(hookspecs)
         self.order: list[str] = []
         self.configs: dict[str, Any] = {}
+        #: Plugins whose start-up hook completed, in the order it ran.
+        self.started: list[str] = []
 
         from scaiproxy import builtins
 
@@ -79,12 +81,17 @@ class PluginHost:
                 f"hook: {exc}",
             ) from None
 
-        for name in settings.plugins.blocks():
+        for name, block in settings.plugins.blocks().items():
             if name not in self.order:
                 raise ConfigError(
                     f"plugins.{name}",
                     f"config block for plugin {name!r}, which is not in "
                     "plugins.enabled; enable it or remove the block",
+                )
+            if block is not None and not isinstance(block, Mapping):
+                raise ConfigError(
+                    f"plugins.{name}",
+                    f"expected a mapping of the plugin's settings, got {block!r:.80}",
                 )
 
     def _register(self, name: str, plugin: Any) -> None:
@@ -92,7 +99,8 @@ class PluginHost:
             self.manager.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
             raise ConfigError(
-                "plugins.enabled", f"plugin {name!r} does not match the hook specs: {exc}"
+                "plugins.enabled",
+                f"plugin {name!r} does not match the hook specs: {exc}",
             ) from None
         except ValueError as exc:
             raise ConfigError("plugins.enabled", f"plugin {name!r}: {exc}") from None
@@ -101,11 +109,9 @@ class PluginHost:
         return self.manager.get_name(plugin) or repr(plugin)
 
     def call_one(self, name: str, hook_name: str, **kwargs: Any) -> list[Any]:
-        """Call a hook on one plugin only; returns its results (at most one)."""
+        """Call a hook on one plugin only; return its results (at most one)."""
         others = [
-            plugin
-            for other, plugin in self.manager.list_name_plugin()
-            if other != name
+            plugin for other, plugin in self.manager.list_name_plugin() if other != name
         ]
         caller = self.manager.subset_hook_caller(hook_name, remove_plugins=others)
         return caller(**kwargs)
@@ -132,6 +138,8 @@ class PluginHost:
                 )
             except ConfigError as exc:
                 raise exc.under(f"plugins.{name}") from None
+            except Exception as exc:  # noqa: BLE001 - a plugin bug, named at start-up
+                raise _hook_failed(name, "scaiproxy_configure", exc) from exc
             self.configs[name] = results[0] if results else None
         return self.configs
 
@@ -141,13 +149,24 @@ class PluginHost:
         seen_shapes: dict[tuple[str, str], RouteSpec] = {}
         seen_names: dict[str, RouteSpec] = {}
         for name in [CORE_PLUGIN, *self.order]:
-            results = self.call_one(
-                name,
-                "scaiproxy_routes",
-                config=self.configs.get(name),
-                settings=self.settings,
-            )
+            try:
+                results = self.call_one(
+                    name,
+                    "scaiproxy_routes",
+                    config=self.configs.get(name),
+                    settings=self.settings,
+                )
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a plugin bug, named at start-up
+                raise _hook_failed(name, "scaiproxy_routes", exc) from exc
             for specs in results:
+                if specs is not None and not isinstance(specs, list | tuple):
+                    raise ConfigError(
+                        "plugins.enabled",
+                        f"plugin {name!r} returned {type(specs).__name__} from "
+                        "scaiproxy_routes; expected a list of RouteSpec objects",
+                    )
                 for spec in specs or ():
                     if not isinstance(spec, RouteSpec):
                         raise ConfigError(
@@ -177,21 +196,37 @@ class PluginHost:
         return collected
 
     def secret_backends(self) -> dict[str, Any]:
+        """Collect the secret backends by name, rejecting a name given twice."""
         backends: dict[str, Any] = {}
-        for result in self.manager.hook.scaiproxy_secret_backends():
-            backends.update(result or {})
+        owners: dict[str, str] = {}
+        for name in [CORE_PLUGIN, *self.order]:
+            for result in self.call_one(name, "scaiproxy_secret_backends"):
+                for backend in result or {}:
+                    if backend in owners:
+                        raise ConfigError(
+                            "plugins.enabled",
+                            f"secret backend {backend!r} of plugin {name!r} is "
+                            f"already provided by plugin {owners[backend]!r}",
+                        )
+                    owners[backend] = name
+                    backends[backend] = result[backend]
         return backends
 
     async def startup(self, app: Any) -> None:
+        """Await each plugin's start-up hook, in ``plugins.enabled`` order."""
+        self.started = []
         for name in [CORE_PLUGIN, *self.order]:
             for result in self.call_one(
                 name, "scaiproxy_startup", app=app, config=self.configs.get(name)
             ):
                 if inspect.isawaitable(result):
                     await result
+            self.started.append(name)
 
     async def shutdown(self, app: Any) -> None:
-        for name in reversed([CORE_PLUGIN, *self.order]):
+        """Await the shutdown hooks of the started plugins, in reverse order."""
+        # A plugin whose start-up failed or never ran has nothing to release.
+        for name in reversed(self.started):
             try:
                 for result in self.call_one(
                     name, "scaiproxy_shutdown", app=app, config=self.configs.get(name)
@@ -200,6 +235,13 @@ class PluginHost:
                         await result
             except Exception:  # noqa: BLE001 - one plugin must not stop the rest
                 log.exception("plugin_shutdown_failed", plugin=name)
+
+
+def _hook_failed(name: str, hook: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        "plugins.enabled",
+        f"plugin {name!r} failed in {hook}: {type(exc).__name__}: {exc}",
+    )
 
 
 def _with_plugin(spec: RouteSpec, plugin: str) -> RouteSpec:

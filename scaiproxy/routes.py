@@ -82,6 +82,19 @@ class RouteSpec:
             raise ValueError(f"route {self.name!r}: unsupported method {self.method!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"route {self.name!r}: path must start with '/'")
+        # Only plain {name} parameters are validated before the handler runs, so
+        # aiohttp's {name:regex} form is rejected here.
+        rest = _placeholder.sub("", self.path)
+        if "{" in rest or "}" in rest:
+            raise ValueError(
+                f"route {self.name!r}: path {self.path!r} may contain only "
+                "{name} parameters of letters, digits and _"
+            )
+        names = self.path_params
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"route {self.name!r}: path {self.path!r} repeats a parameter name"
+            )
         if not self.name:
             raise ValueError(f"route {self.path!r}: a name is required")
 

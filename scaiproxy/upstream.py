@@ -66,7 +66,8 @@ class UpstreamResponse:
         """Decode the body exactly, or raise 502 ``bad_gateway``."""
         if "json" not in self.memo:
             try:
-                self.memo["json"] = jsonutil.loads(self.body)
+                # The depth cap keeps the decoded value safe to encode again.
+                self.memo["json"] = jsonutil.loads(self.body, max_depth=512)
             except jsonutil.JSONSyntaxError:
                 raise bad_gateway("ScaiGrid answered with a body that is not JSON.")
         return self.memo["json"]
@@ -104,13 +105,19 @@ class UpstreamClient:
             keepalive_timeout=30,
             ttl_dns_cache=300,
         )
-        return aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=True,
             cookie_jar=aiohttp.DummyCookieJar(),
             json_serialize=lambda value: jsonutil.dumps(value).decode(),
             skip_auto_headers=("User-Agent",),
         )
+        # aiohttp resends a GET once by itself after a dropped connection, which
+        # on top of _send's own retry would hit ScaiGrid up to four times.
+        # NOTE: a private attribute (seen in aiohttp 3.14); its test_utils sets it.
+        if hasattr(session, "_retry_connection"):
+            session._retry_connection = False
+        return session
 
     async def request(
         self,
@@ -125,7 +132,9 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send one request, coalescing identical GETs already in flight."""
         if method != "GET" or not self.config.coalesce_gets:
-            return await self._send(method, url, credential, headers, body, timeout_s, route)
+            return await self._send(
+                method, url, credential, headers, body, timeout_s, route
+            )
 
         # The credential is part of the key, so callers never share across tenants.
         key = (str(url), hashlib.sha256(credential.authorization.encode()).digest())
@@ -154,15 +163,25 @@ class UpstreamClient:
         route: str,
     ) -> UpstreamResponse:
         attempts = 2 if method == "GET" else 1
-        timeout = aiohttp.ClientTimeout(
-            total=timeout_s, sock_connect=self.config.connect_timeout_s
-        )
         started = time.perf_counter()
+        # The retry shares the route's timeout, so both attempts end by the deadline.
+        deadline = started + timeout_s
         for attempt in range(1, attempts + 1):
+            timeout = aiohttp.ClientTimeout(
+                total=max(deadline - time.perf_counter(), 0.001),
+                sock_connect=self.config.connect_timeout_s,
+            )
             try:
                 response = await self._exchange(method, url, headers, body, timeout)
             except asyncio.TimeoutError:
                 self._count_error(route, "timeout")
+                log.warning(
+                    "upstream_timeout",
+                    route=route,
+                    url=str(url.with_query(None)),
+                    timeout_s=timeout_s,
+                    attempt=attempt,
+                )
                 raise ProxyError(
                     504,
                     UPSTREAM_TIMEOUT,
@@ -171,6 +190,12 @@ class UpstreamClient:
                 ) from None
             except _TooLarge:
                 self._count_error(route, "too_large")
+                log.warning(
+                    "upstream_response_too_large",
+                    route=route,
+                    url=str(url.with_query(None)),
+                    max_response_bytes=self.config.max_response_bytes,
+                )
                 raise bad_gateway(
                     "ScaiGrid's answer is larger than upstream.max_response_bytes "
                     f"({self.config.max_response_bytes} bytes)."
@@ -181,14 +206,18 @@ class UpstreamClient:
                     continue
                 self._count_error(route, "connection")
                 log.warning(
-                    "upstream_failed", route=route, url=str(url.with_query(None)),
+                    "upstream_failed",
+                    route=route,
+                    url=str(url.with_query(None)),
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 raise bad_gateway("The connection to ScaiGrid failed.") from None
             except aiohttp.ClientError as exc:
                 self._count_error(route, "connection")
                 log.warning(
-                    "upstream_failed", route=route, url=str(url.with_query(None)),
+                    "upstream_failed",
+                    route=route,
+                    url=str(url.with_query(None)),
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 raise bad_gateway("ScaiGrid could not be reached.") from None
@@ -199,7 +228,7 @@ class UpstreamClient:
         if self.metrics:
             self.metrics.upstream_duration.labels(route).observe(duration_ms / 1000)
             self.metrics.upstream_requests.labels(route, str(status)).inc()
-        upstream_request_id = response_headers.get("X-Request-ID")
+        upstream_request_id = _text(response_headers.get("X-Request-ID"))
         if 200 <= status < 300:
             return UpstreamResponse(
                 status, response_headers, payload, duration_ms, upstream_request_id
@@ -226,10 +255,15 @@ class UpstreamClient:
             declared = response.content_length
             if declared is not None and declared > limit:
                 raise _TooLarge()
-            payload = await response.content.read(limit + 1)
-            if len(payload) > limit:
-                raise _TooLarge()
-            return response.status, response.headers, payload
+            # content.read(n) returns what is buffered, not the whole body.
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge()
+                chunks.append(chunk)
+            return response.status, response.headers, b"".join(chunks)
 
     def _count_error(self, route: str, kind: str) -> None:
         if self.metrics:
@@ -244,7 +278,7 @@ class UpstreamClient:
         route: str,
     ) -> ProxyError:
         code, message, upstream_request_id, retry_after = _scaigrid_error(payload)
-        upstream_request_id = upstream_request_id or headers.get("X-Request-ID")
+        upstream_request_id = upstream_request_id or _text(headers.get("X-Request-ID"))
         log.warning(
             "upstream_error_status",
             route=route,
@@ -348,6 +382,23 @@ def _text(value: Any, limit: int = 128) -> str | None:
     return value[:limit] if isinstance(value, str) else None
 
 
+def upstream_url(
+    base_url: str, path: str, params: Mapping[str, Any] | None = None
+) -> URL:
+    """Build the URL of an upstream call; ``None`` values are left out of the query."""
+    url = URL(base_url + path, encoded=False)
+    if params:
+        query = {k: _query_value(v) for k, v in params.items() if v is not None}
+        url = url.with_query(query)
+    return url
+
+
+def _query_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 class UpstreamCaller:
     """The upstream calls of one request, bound to its principal and route."""
 
@@ -369,6 +420,17 @@ class UpstreamCaller:
         self.credential: Credential | None = None
         self.last: UpstreamResponse | None = None
         self.last_status: int | None = None
+        #: ScaiGrid's request id of the last call, failed calls included.
+        self.last_request_id: str | None = None
+
+    async def credential_for_call(self) -> Credential:
+        """Choose this request's upstream credential, once, without calling ScaiGrid.
+
+        Raises the 412 or 502 :class:`ProxyError` of the credential resolver.
+        """
+        if self.credential is None:
+            self.credential = await self._resolve()
+        return self.credential
 
     async def get(
         self, path: str, params: Mapping[str, Any] | None = None
@@ -391,13 +453,12 @@ class UpstreamCaller:
         ``path`` must be built from validated parts; ``params`` are encoded here,
         so values such as ``a+b/c==`` reach ScaiGrid unchanged.
         """
-        if self.credential is None:
-            self.credential = await self._resolve()
-        credential = self.credential
-        url = URL(credential.base_url + path, encoded=False)
-        if params:
-            query = {k: str(v) for k, v in params.items() if v is not None}
-            url = url.with_query(query)
+        # SECURITY: without a leading "/" the path would extend the base URL's
+        # host, and "?" or "#" would smuggle a query past ``params``.
+        if not path.startswith("/") or "?" in path or "#" in path:
+            raise ValueError(f"invalid upstream path {path[:200]!r}")
+        credential = await self.credential_for_call()
+        url = upstream_url(credential.base_url, path, params)
         headers = {
             "Authorization": credential.authorization,
             "X-Request-ID": self._request_id,
@@ -422,7 +483,9 @@ class UpstreamCaller:
             self.last_status = exc.extra.get("upstream_status") or (
                 exc.status if exc.status < 500 else None
             )
+            self.last_request_id = exc.extra.get("upstream_request_id")
             raise
         self.last = response
         self.last_status = response.status
+        self.last_request_id = response.request_id
         return response

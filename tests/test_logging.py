@@ -1,0 +1,408 @@
+"""Logging: one access event per request, upstream failures at WARNING, aiohttp's
+own records in the same JSON shape, and no credential in any line."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+from conftest import base_config, bearer, mint
+
+from scaiproxy.config import LoggingConfig
+from scaiproxy.logs import configure_logging, redact_secrets, redact_text
+
+EVENTS = "/api/v1/scaicore/events"
+EVENTS_UP = "/v1/modules/scaicore/events"
+PAGE = {"data": {"events": [], "next_cursor": None}}
+ENV_KEY = "sgk_" + "Z" * 36 + "9876"
+COOKIE = "session=cookie-value-4f1d2c"
+SHAPE = {"event", "level", "logger", "timestamp"}
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    output = io.StringIO()
+    configure_logging(LoggingConfig(format="json", level="info"), stream=output)
+    return output
+
+
+@pytest.fixture
+def debug_stream() -> io.StringIO:
+    output = io.StringIO()
+    configure_logging(LoggingConfig(format="json", level="debug"), stream=output)
+    return output
+
+
+def lines(output: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in output.getvalue().splitlines()]
+
+
+def named(output: io.StringIO, event: str) -> list[dict[str, Any]]:
+    return [line for line in lines(output) if line["event"] == event]
+
+
+@pytest.fixture
+def viewer(rsa_key) -> str:
+    return mint(rsa_key, permissions=["scaicore:view"])
+
+
+# --- the access event ---------------------------------------------------------
+
+
+async def test_access_event_fields(gateway, upstream, viewer, stream):
+    upstream.route("GET", EVENTS_UP, json_body=PAGE, headers={"X-Request-ID": "sg-77"})
+    response = await gateway.get(EVENTS, headers=bearer(viewer))
+    [event] = named(stream, "request")
+    assert response.status == 200
+    assert event["level"] == "info"
+    assert event["logger"] == "scaiproxy.request"
+    assert event["request_id"] == response.headers["X-Request-ID"]
+    assert event["method"] == "GET"
+    assert event["route"] == "scaicore.events"
+    assert event["path"] == EVENTS
+    assert event["status"] == 200
+    assert event["plugin"] == "scaicore"
+    assert event["tenant_id"] == "acme"
+    assert event["sub"] == "user-1"
+    assert event["credential_source"] == "user_jwt"
+    assert event["upstream_status"] == 200
+    assert event["upstream_request_id"] == "sg-77"
+    assert isinstance(event["duration_ms"], float)
+    assert isinstance(event["upstream_duration_ms"], float)
+    assert event["upstream_duration_ms"] <= event["duration_ms"]
+
+
+async def test_one_access_event_per_request(gateway, upstream, viewer, stream):
+    upstream.route("GET", EVENTS_UP, json_body=PAGE)
+    responses = [
+        await gateway.get(EVENTS, headers=bearer(viewer)),
+        await gateway.get(EVENTS),
+        await gateway.get("/api/v1/nothing"),
+        await gateway.get("/healthz"),
+    ]
+    events = named(stream, "request")
+    assert [event["status"] for event in events] == [200, 401, 404, 200]
+    assert [event["request_id"] for event in events] == [
+        response.headers["X-Request-ID"] for response in responses
+    ]
+    assert all(event["level"] == "info" for event in events)
+
+
+async def test_access_event_for_refused_request(gateway, stream):
+    await gateway.get(EVENTS)
+    [event] = named(stream, "request")
+    assert event["status"] == 401
+    assert event["route"] == "scaicore.events"
+    assert "tenant_id" not in event
+    assert "credential_source" not in event
+
+
+async def test_access_event_for_upstream_error(gateway, upstream, viewer, stream):
+    upstream.route(
+        "GET",
+        EVENTS_UP,
+        json_body={
+            "status": "error",
+            "error": {"code": "not_found", "message": "gone"},
+            "meta": {"request_id": "sg-404"},
+        },
+        status=404,
+    )
+    await gateway.get(EVENTS, headers=bearer(viewer))
+    [event] = named(stream, "request")
+    assert event["status"] == 404
+    assert event["upstream_status"] == 404
+    assert event["upstream_request_id"] == "sg-404"
+
+
+async def test_request_context_not_leaked(gateway, upstream, viewer, stream):
+    """Keep-alive requests on one connection each start from a clean context."""
+    upstream.route("GET", EVENTS_UP, json_body=PAGE)
+    await gateway.get(EVENTS, headers=bearer(viewer))
+    await gateway.get("/healthz")
+    healthz = named(stream, "request")[-1]
+    assert healthz["route"] == "/healthz"
+    assert "tenant_id" not in healthz
+    assert "sub" not in healthz
+
+
+# --- upstream failures --------------------------------------------------------
+
+
+async def test_upstream_server_error_warned(gateway, upstream, viewer, stream):
+    upstream.route(
+        "GET", EVENTS_UP, json_body={}, status=500, headers={"X-Request-ID": "sg-500"}
+    )
+    await gateway.get(EVENTS, headers=bearer(viewer))
+    [warning] = named(stream, "upstream_error_status")
+    assert warning["level"] == "warning"
+    assert warning["upstream_status"] == 500
+    assert warning["upstream_request_id"] == "sg-500"
+    assert warning["route"] == "scaicore.events"
+    assert warning["request_id"] == named(stream, "request")[0]["request_id"]
+
+
+async def test_upstream_timeout_warned(
+    make_gateway, upstream, jwks_server, viewer, stream
+):
+    raw = base_config(upstream.base_url, jwks_server.url, upstream={"timeout_s": 0.2})
+    client = await make_gateway(raw)
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.json_response(PAGE)
+
+    upstream.route("GET", EVENTS_UP, slow)
+    response = await client.get(EVENTS, headers=bearer(viewer))
+    [warning] = named(stream, "upstream_timeout")
+    assert response.status == 504
+    assert warning["level"] == "warning"
+    assert warning["route"] == "scaicore.events"
+
+
+async def test_upstream_unreachable_warned(make_gateway, jwks_server, viewer, stream):
+    raw = base_config("http://127.0.0.1:1", jwks_server.url)
+    client = await make_gateway(raw)
+    response = await client.get(EVENTS, headers=bearer(viewer))
+    [warning] = named(stream, "upstream_failed")
+    assert response.status == 502
+    assert warning["level"] == "warning"
+    assert "error" in warning
+
+
+async def test_bad_shape_warned(gateway, upstream, viewer, stream):
+    upstream.route("GET", EVENTS_UP, json_body={"data": 5})
+    await gateway.get(EVENTS, headers=bearer(viewer))
+    [warning] = named(stream, "upstream_bad_shape")
+    assert warning["level"] == "warning"
+
+
+# --- stdlib and aiohttp records -----------------------------------------------
+
+
+def test_stdlib_record_same_shape(stream):
+    logging.getLogger("aiohttp.server").error(
+        "Error handling request from %s", "1.2.3.4"
+    )
+    [record] = lines(stream)
+    assert set(record) == SHAPE
+    assert record["event"] == "Error handling request from 1.2.3.4"
+    assert record["level"] == "error"
+    assert record["logger"] == "aiohttp.server"
+
+
+def test_structlog_event_same_shape(stream):
+    structlog.get_logger("scaiproxy.test").warning("something_happened")
+    [record] = lines(stream)
+    assert set(record) == SHAPE
+
+
+async def test_aiohttp_own_record_is_json(gateway, debug_stream):
+    """A malformed request line makes aiohttp log through the same chain."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    writer.write(b"NOT-HTTP Bearer " + JWT.encode() + b"\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    await asyncio.sleep(0.05)
+    records = [line for line in lines(debug_stream) if line["logger"] == "aiohttp.server"]
+    assert len(records) == 1
+    assert SHAPE <= set(records[0])
+    assert records[0]["status"] == 400
+    assert JWT not in debug_stream.getvalue()
+
+
+def test_stdlib_exception_rendered(stream):
+    try:
+        raise ValueError("bad thing")
+    except ValueError:
+        logging.getLogger("aiohttp.web").exception("Error handling request")
+    [record] = lines(stream)
+    assert record["level"] == "error"
+    assert record["exception"][0]["exc_type"] == "ValueError"
+
+
+def test_traceback_locals_left_out(stream):
+    secret = "cookie-jar-value-" + "q" * 20
+    try:
+        raise RuntimeError("failed")
+    except RuntimeError:
+        structlog.get_logger("scaiproxy.test").exception("crash", hint=len(secret))
+    text = stream.getvalue()
+    assert "cookie-jar-value" not in text
+    assert "locals" not in json.loads(text)["exception"][0]["frames"][0]
+
+
+def test_level_filters(stream):
+    structlog.get_logger("scaiproxy.test").debug("hidden")
+    logging.getLogger("aiohttp.server").debug("hidden too")
+    assert lines(stream) == []
+
+
+def test_access_logger_quiet(stream):
+    logging.getLogger("aiohttp.access").info("GET / 200")
+    assert lines(stream) == []
+
+
+def test_console_format_readable():
+    output = io.StringIO()
+    configure_logging(LoggingConfig(format="console"), stream=output)
+    logging.getLogger("aiohttp.server").warning("plain line")
+    configure_logging(LoggingConfig(format="json"), stream=io.StringIO())
+    assert "plain line" in output.getvalue()
+    assert not output.getvalue().startswith("{")
+
+
+# --- no credential anywhere ---------------------------------------------------
+
+
+def secrets_in(text: str, *secrets: str) -> list[str]:
+    return [secret for secret in secrets if secret in text]
+
+
+async def test_no_credential_in_logs(
+    make_gateway, upstream, jwks_server, rsa_key, debug_stream
+):
+    token = mint(rsa_key, permissions=["scaicore:view", "scaicore:manage"])
+    signature = token.rsplit(".", 1)[1]
+    raw = base_config(
+        upstream.base_url,
+        jwks_server.url,
+        auth={"upstream_credentials": "auto"},
+    )
+    client = await make_gateway(raw, environ={"SCAIGRID_API_KEY": ENV_KEY})
+    key_raw = base_config(
+        upstream.base_url, jwks_server.url, auth={"upstream_credentials": "api_key"}
+    )
+    key_client = await make_gateway(key_raw, environ={"SCAIGRID_API_KEY": ENV_KEY})
+
+    headers = {**bearer(token), "Cookie": COOKIE}
+    upstream.route("GET", EVENTS_UP, json_body=PAGE)
+    await client.get(EVENTS, headers=headers)
+    await key_client.get(EVENTS, headers=headers)
+    await client.get(
+        EVENTS, headers={"Authorization": f"Bearer {token}x", "Cookie": COOKIE}
+    )
+    await client.post(
+        "/api/v1/scaicore/cores/c1/invoke",
+        json={"input": {"api_key": ENV_KEY}},
+        headers=headers,
+    )
+    upstream.route("GET", EVENTS_UP, json_body={"error": "no"}, status=401)
+    await key_client.get(EVENTS, headers=headers)
+    upstream.route("GET", EVENTS_UP, json_body={}, status=500)
+    await client.get(EVENTS, headers=headers)
+
+    text = debug_stream.getvalue()
+    assert named(debug_stream, "request")
+    assert secrets_in(text, token, signature, ENV_KEY, "cookie-value-4f1d2c") == []
+    assert "sgk_…9876" in text
+
+
+async def test_secret_field_not_echoed(make_gateway, upstream, jwks_server, rsa_key):
+    """A rejected value of a field named like a secret stays out of the 422."""
+    from pydantic import BaseModel
+
+    from scaiproxy import RouteSpec, hookimpl
+
+    class KeyBody(BaseModel):
+        api_key: int
+
+    class Keys:
+        @hookimpl
+        def scaiproxy_routes(self) -> list[RouteSpec]:
+            async def store(call: Any) -> dict:
+                return {}
+
+            return [RouteSpec("POST", "/v1/keys", store, name="keys", body=KeyBody)]
+
+    raw = base_config(upstream.base_url, jwks_server.url, plugins={"enabled": ["keys"]})
+    client = await make_gateway(raw, plugins={"keys": Keys()})
+    response = await client.post(
+        "/api/v1/keys",
+        json={"api_key": "hunter2-secret"},
+        headers=bearer(mint(rsa_key)),
+    )
+    assert response.status == 422
+    assert "hunter2-secret" not in await response.text()
+
+
+# --- the redaction processor --------------------------------------------------
+
+
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJlLWJ5dGVz"
+
+
+def test_redact_jwt_in_text():
+    text = redact_text(f"rejected token {JWT} from client")
+    assert JWT not in text
+    assert "[redacted-jwt]" in text
+
+
+def test_redact_sgk_key_keeps_last_four():
+    text = redact_text(f"key={ENV_KEY};")
+    assert ENV_KEY not in text
+    assert "sgk_…9876" in text
+
+
+def test_redact_short_sgk_key():
+    assert redact_text("sgk_abcd1") == "sgk_…"
+
+
+def test_redact_bearer_value():
+    assert redact_text("Authorization: Bearer opaque-token-123") == (
+        "Authorization: Bearer [redacted]"
+    )
+
+
+def test_redact_leaves_plain_text():
+    assert redact_text("GET /api/v1/scaicore/events 200") == (
+        "GET /api/v1/scaicore/events 200"
+    )
+
+
+def test_redact_processor_nested():
+    event = redact_secrets(
+        None,
+        "info",
+        {
+            "event": f"saw {JWT}",
+            "headers": {"auth": f"Bearer {JWT}"},
+            "keys": [ENV_KEY],
+        },
+    )
+    text = json.dumps(event, ensure_ascii=False)
+    assert JWT not in text
+    assert ENV_KEY not in text
+
+
+def test_redaction_applied_to_events(stream):
+    structlog.get_logger("scaiproxy.test").info(f"token {JWT}", note=f"key {ENV_KEY}")
+    logging.getLogger("aiohttp.client").warning("sent %s", JWT)
+    text = stream.getvalue()
+    assert JWT not in text
+    assert ENV_KEY not in text
+    assert len(lines(stream)) == 2
+
+
+def test_redaction_in_exception_text(stream):
+    try:
+        raise ValueError(f"could not verify {JWT}")
+    except ValueError:
+        structlog.get_logger("scaiproxy.test").exception("verify_failed")
+    assert JWT not in stream.getvalue()
+
+
+def test_configure_twice_one_handler():
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(LoggingConfig(format="json"), stream=first)
+    configure_logging(LoggingConfig(format="json"), stream=second)
+    logging.getLogger("aiohttp.server").warning("once")
+    assert first.getvalue() == ""
+    assert len(lines(second)) == 1
