@@ -46,7 +46,8 @@ def _members(call: Call, response: UpstreamResponse, what: str) -> tuple[str, di
 def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     """Build ``{key: [...], "next_cursor": ...}`` from a ScaiGrid list page.
 
-    Accepts ``{"data": {key: [...], "next_cursor"}}`` and ``{"data": [...],
+    Accepts ``{"data": {key: [...], "next_cursor"}}``, ScaiGrid's generic
+    ``{"data": {"items": [...], "next_cursor"}}`` and ``{"data": [...],
     "next_cursor", "has_more"}``; the list's objects are copied byte for byte.
     """
     memo_key = f"list_page:{key}"
@@ -58,9 +59,10 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
         raise shape_error(call, what, "no 'data' member")
     data, begin, end = members["data"]
     if isinstance(data, dict):
-        if key not in data:
+        list_key = key if key in data else "items"
+        if list_key not in data:
             raise shape_error(call, what, f"no 'data.{key}' list")
-        items, begin, end = data[key]
+        items, begin, end = data[list_key]
         cursor_entry = data.get("next_cursor")
         more_entry = data.get("has_more")
     else:

@@ -275,6 +275,14 @@ async def test_events_has_more_false_ends(gateway, upstream, viewer):
     }
 
 
+async def test_events_generic_items_page(gateway, upstream, viewer):
+    page = b'{"data": {"items": ' + EVENTS_BYTES + b', "next_cursor": "c2"}}'
+    raw_route(upstream, "GET", EVENTS_UP, page)
+    response = await call_route(gateway, "events", viewer)
+    body = await response.read()
+    assert body == b'{"data":{"events":' + EVENTS_BYTES + b',"next_cursor":"c2"}}'
+
+
 async def test_events_utf8_bom_dropped(gateway, upstream, viewer):
     page = b'\xef\xbb\xbf{"data": {"events": ' + EVENTS_BYTES + b"}}"
     raw_route(upstream, "GET", EVENTS_UP, page)
@@ -284,7 +292,8 @@ async def test_events_utf8_bom_dropped(gateway, upstream, viewer):
 
 
 BAD_PAGES = [
-    pytest.param(b'{"data": {"items": []}}', id="items-key"),
+    pytest.param(b'{"data": {"items": {}}}', id="items-object"),
+    pytest.param(b'{"data": {"other": []}}', id="no-list-key"),
     pytest.param(b'{"events": []}', id="no-data"),
     pytest.param(b"[]", id="list-body"),
     pytest.param(b'{"data": "events"}', id="data-string"),
