@@ -77,9 +77,9 @@ def _drop_record_message(
 def _shorten_parser_error(record: logging.LogRecord) -> bool:
     """Log a request that aiohttp's HTTP parser rejected as one short INFO line.
 
-    aiohttp logs it at ERROR with a traceback, and the exception's message
-    quotes up to 100 bytes of the rejected line: possibly a cookie or a token.
-    The request never reached the app; the client already got a 400.
+    aiohttp (3.14) logs it at ERROR with a traceback, and the exception's
+    message quotes up to 100 bytes of the rejected line, which may be a cookie
+    or a token. The request never reached the app, and the client got a 400.
     """
     error = record.exc_info[1] if record.exc_info else None
     if isinstance(error, HttpProcessingError):
@@ -87,8 +87,10 @@ def _shorten_parser_error(record: logging.LogRecord) -> bool:
         record.args = ()
         record.exc_info = None
         record.exc_text = None
-        record.levelno = logging.INFO
-        record.levelname = "INFO"
+        # aiohttp logs a non-HTTP first request (a TLS handshake, a scanner) at
+        # DEBUG, which stays DEBUG; everything else becomes INFO.
+        record.levelno = min(record.levelno, logging.INFO)
+        record.levelname = logging.getLevelName(record.levelno)
         record.error = type(error).__name__
         record.status = error.code
     return True

@@ -308,7 +308,7 @@ async def gateway_process(tmp_path):
     """Start ``scaiproxy serve`` as a child process from a config mapping.
 
     ``await start(config, environ=...)`` writes the YAML, picks a free loopback
-    port, waits until ``/readyz`` answers 200 and returns a
+    port, waits until ``/readyz`` returns 200 and returns a
     :class:`GatewayProcess`. The child gets only ``PATH`` and ``environ`` as its
     environment. Processes still running at teardown get SIGTERM, then SIGKILL.
     """
@@ -323,7 +323,10 @@ async def gateway_process(tmp_path):
 
     started: list[GatewayProcess] = []
     script = Path(sys.executable).with_name("scaiproxy")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "scaiproxy.cli"]
+    if script.exists():
+        command = [str(script)]
+    else:
+        command = [sys.executable, "-m", "scaiproxy.cli"]
 
     async def start(
         config: dict[str, Any],

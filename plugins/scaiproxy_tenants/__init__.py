@@ -147,33 +147,12 @@ class _CredentialsBodyBase(BaseModel):
         return check_api_key(value)
 
 
-def _accepted_base_url(url: str, upstream: UpstreamConfig, production: bool) -> bool:
-    try:
-        check_base_url(url, upstream, production)
-    except ValueError:
-        return False
-    return True
-
-
 def credentials_body(settings: Settings) -> type[BaseModel]:
     """Build the POST body model, whose base URL check needs the settings."""
     upstream = settings.upstream
     production = settings.production
 
-    # The document lists the accepted base URLs, as the 422 message does.
-    choices = [
-        url
-        for url in (upstream.base_url, *upstream.allowed_base_urls)
-        if _accepted_base_url(url, upstream, production)
-    ]
-
     class CredentialsBody(_CredentialsBodyBase):
-        base_url: str | None = Field(
-            None,
-            description=_CredentialsBodyBase.model_fields["base_url"].description,
-            json_schema_extra={"enum": [*choices, None]},
-        )
-
         @field_validator("base_url")
         @classmethod
         def _check_base_url(cls, value: str | None) -> str | None:
