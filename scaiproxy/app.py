@@ -10,7 +10,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from scaiproxy import __version__, jsonutil
+from scaiproxy import __version__, jsonutil, protocol
 from scaiproxy.auth import JWKSCache, Principal, TokenVerifier, dev_principal
 from scaiproxy.config import Settings
 from scaiproxy.credentials import CredentialResolver
@@ -53,6 +53,7 @@ def create_app(
     name still has to be listed in ``plugins.enabled``.
     """
     environ = os.environ if environ is None else environ
+    protocol.install()
     host = PluginHost(settings, plugins)
     configs = host.configure()
     specs = host.routes()

@@ -34,7 +34,7 @@ from scaiproxy.simulator import SimOptions, Simulator
 MAX_EXAMPLES = 40
 PLUGINS = ["scaicore", "lookups", "tenants"]
 # aiohttp's parser limit for the request line (the app sets max_line_size). A
-# longer line gets aiohttp's plain-text 400 before any middleware runs.
+# longer line is rejected by aiohttp's parser (an enveloped 400) before any route.
 LINE_LIMIT = 16384
 # ScaiGrid rejects a cursor it did not issue with a 400, and any string is a
 # schema-valid cursor, so a 400 is accepted as a response to schema-valid input.
@@ -217,7 +217,7 @@ def test_operation_fuzzed(method, path, mode, schema, stack, auth):
     def fuzz(case) -> None:
         response = case.call(base_url=stack.url, headers=auth, timeout=30)
         if len(response.request.path_url) >= LINE_LIMIT:
-            # The documented exception: aiohttp's parser responds in plain text.
+            # aiohttp's parser rejects it before any route; see decisions.md.
             assert response.status_code == 400
             return
         assert response.headers.get("x-request-id")

@@ -55,7 +55,7 @@ class Transcript:
     headers: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
-    #: aiohttp's plain-text 400s for requests its HTTP parser rejected.
+    #: The 400s for requests that aiohttp's HTTP parser rejected.
     parser_answers: list[bytes] = field(default_factory=list)
     secrets: dict[str, str] = field(default_factory=dict)
 
@@ -340,16 +340,13 @@ def test_no_jwt_in_answers(transcript):
     assert JWT_LIKE.findall(transcript.answers) == []
 
 
-def test_parser_answers_are_plain_400(transcript):
-    """aiohttp responds to these itself, quoting the start of the rejected line.
-
-    The quote goes back only to the client that sent it; the tests above show
-    it reaches no log.
-    """
+def test_parser_answers_are_enveloped_400(transcript):
+    """Requests aiohttp's parser rejects get the envelope, quoting nothing."""
     assert len(transcript.parser_answers) == 9
     for answer in transcript.parser_answers:
         assert answer.startswith(b"HTTP/1.0 400 ")
-        assert b"text/plain" in answer
+        assert b"application/json" in answer
+        assert b'"error":"bad_request"' in answer
 
 
 @pytest.mark.parametrize("name", ["jwt_acme", "vault_token", "env_key"])

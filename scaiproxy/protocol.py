@@ -1,0 +1,74 @@
+"""The answer to requests that aiohttp's HTTP parser rejects.
+
+Such a request (a header line over the limit, a control byte in a header, an
+unknown method) never reaches the app or its middleware. aiohttp 3.14 answers it
+itself, in plain text that quotes up to a whole header line back to the sender:
+a bearer token included. The gateway swaps in a protocol class whose answer is
+the usual JSON error envelope with an ``X-Request-ID`` and no quoted input.
+"""
+
+from __future__ import annotations
+
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web_protocol, web_server
+from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.web import Response
+
+from scaiproxy import jsonutil
+
+
+class GatewayRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection protocol, with an enveloped, input-free error answer."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> Response:
+        if self._request_count == 1 and isinstance(exc, BadHttpMethod):
+            # Non-HTTP traffic on the port (TLS, scanners): not worth an INFO line.
+            self.logger.debug("Error handling request", exc_info=exc)
+        else:
+            self.log_exception("Error handling request", exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response was already partly sent")
+
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        if status >= 500:
+            code, text = "internal_error", "The gateway failed to handle this request."
+        else:
+            code = "bad_request"
+            text = (
+                f"The request is not valid HTTP ({phrase or status}): a header or "
+                "the request line is malformed or longer than 16 KiB."
+            )
+        detail = {
+            "error": code,
+            "message": text,
+            "fix": "Send a well-formed HTTP/1.1 request.",
+        }
+        response = Response(
+            status=status,
+            body=jsonutil.dumps({"detail": detail}),
+            content_type="application/json",
+            headers={"X-Request-ID": uuid.uuid4().hex, "Server": "scaiproxy"},
+        )
+        response.force_close()
+        return response
+
+
+def install() -> None:
+    """Make aiohttp's servers in this process use :class:`GatewayRequestHandler`.
+
+    aiohttp builds the protocol from the name ``RequestHandler`` in its
+    ``web_server`` module and offers no parameter for it, so the name is
+    replaced there. Every aiohttp server of the process is affected, which in a
+    gateway process is the gateway itself.
+    """
+    # NOTE: relies on aiohttp internals (checked with 3.12 to 3.14).
+    web_server.RequestHandler = GatewayRequestHandler  # type: ignore[misc]
