@@ -17,6 +17,12 @@ from scaiproxy.errors import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        # The simulator parses its own options, --help included.
+        from scaiproxy.simulator import main as simulator_main
+
+        return simulator_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -65,11 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     with_config(routes)
     routes.set_defaults(run=_routes)
 
-    sim = commands.add_parser(
-        "sim", help="run the ScaiGrid simulator alone", add_help=False
+    # Listed for --help only: main() hands "sim" and its options to the simulator.
+    commands.add_parser(
+        "sim", help="run the ScaiGrid simulator alone (scaiproxy sim --help)"
     )
-    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
-    sim.set_defaults(run=_sim)
 
     demo = commands.add_parser(
         "demo", help="run the simulator and the gateway together, with sample curls"
@@ -88,12 +93,12 @@ def _load(args: argparse.Namespace, **overrides: Any):
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from scaiproxy.app import create_app
+    from scaiproxy.app import ROUTES, create_app
 
     settings = _load(args)
     app = create_app(settings)
     print(
-        f"configuration is valid: {len(app.router.routes())} routes, plugins "
+        f"configuration is valid: {len(app[ROUTES])} routes, plugins "
         f"{', '.join(settings.plugins.enabled) or 'none'}"
     )
     return 0
@@ -132,6 +137,8 @@ def run_worker(config: str | None, host: str, port: int, reuse_port: bool) -> No
     """Run one gateway process until SIGINT or SIGTERM."""
     from aiohttp import web
 
+    import structlog
+
     from scaiproxy.app import create_app
     from scaiproxy.config import load_settings
     from scaiproxy.logs import configure_logging
@@ -139,16 +146,27 @@ def run_worker(config: str | None, host: str, port: int, reuse_port: bool) -> No
     settings = load_settings(config, overrides={"server.host": host, "server.port": port})
     configure_logging(settings.logging)
     app = create_app(settings)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        reuse_port=reuse_port or None,
-        access_log=None,
-        print=None,
-        shutdown_timeout=settings.server.shutdown_timeout_s,
-        handle_signals=True,
-    )
+    log = structlog.get_logger("scaiproxy.cli")
+
+    def listening(_message: str) -> None:
+        log.info("listening", host=host, port=port, pid=os.getpid())
+
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            reuse_port=reuse_port or None,
+            access_log=None,
+            print=listening,
+            shutdown_timeout=settings.server.shutdown_timeout_s,
+            handle_signals=True,
+        )
+    except OSError as exc:
+        raise SystemExit(
+            f"scaiproxy: cannot listen on {host}:{port}: {exc.strerror or exc}; "
+            "pass --port or stop what uses it"
+        ) from None
 
 
 def _worker_main(config: str | None, host: str, port: int) -> None:
@@ -206,12 +224,6 @@ def _run_workers(config: str | None, host: str, port: int, count: int) -> int:
             process.kill()
     log.info("workers_stopped")
     return 0
-
-
-def _sim(args: argparse.Namespace) -> int:
-    from scaiproxy.simulator import main as simulator_main
-
-    return simulator_main(args.sim_args)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -284,7 +284,7 @@ def load_settings(
             "", f"config file {str(config_path)!r} is not UTF-8 text: {exc}"
         ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{config_path} is not valid YAML: {exc}") from None
     if raw is None:
@@ -292,6 +292,40 @@ def load_settings(
     if not isinstance(raw, Mapping):
         raise ConfigError("", f"{config_path} must contain a mapping of keys")
     return settings_from_mapping(raw, environ=environ, overrides=overrides)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter where a config file must be.
+
+    A repeated key is an error instead of silently winning over the first, and
+    aliases are refused: a config needs none, and nested aliases can expand a
+    few lines into gigabytes or into a cycle.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not supported in the config; repeat the value",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r}; each key may appear once",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def settings_from_mapping(

@@ -1,9 +1,9 @@
 """``scaiproxy demo``: the ScaiGrid simulator and the gateway, together on loopback.
 
 The simulator stands in for ScaiGrid, ScaiKey and ScaiVault. The gateway runs
-with the given config (``config.yaml`` by default, which points at the
-simulator), and the demo prints a ready token and curl commands that send real
-requests through the gateway.
+with the given config (``config.yaml`` by default), its ScaiGrid and ScaiKey
+settings pointed at the simulator, and the demo prints a ready token and curl
+commands that send real requests through the gateway.
 """
 
 from __future__ import annotations
@@ -36,11 +36,8 @@ def run_demo(config: str | None, gateway_port: int | None, sim_port: int) -> int
 async def _demo(config: str | None, gateway_port: int | None, sim_port: int) -> int:
     from scaiproxy.simulator import SimOptions, Simulator
 
-    overrides = {"server.port": gateway_port} if gateway_port else {}
-    settings = load_settings(config, overrides=overrides)
-    configure_logging(settings.logging)
-
-    simulator = Simulator(SimOptions(activity_interval_s=3.0))
+    options = SimOptions(activity_interval_s=3.0)
+    simulator = Simulator(options)
     try:
         await simulator.start("127.0.0.1", sim_port)
     except OSError as exc:
@@ -50,14 +47,24 @@ async def _demo(config: str | None, gateway_port: int | None, sim_port: int) -> 
             file=sys.stderr,
         )
         return 1
-    if simulator.base_url.rstrip("/") != settings.upstream.base_url:
-        print(
-            f"scaiproxy demo: note: the simulator runs at {simulator.base_url}, "
-            f"but upstream.base_url is {settings.upstream.base_url}; set "
-            f"SCAIGRID_BASE_URL={simulator.base_url} and SCAIKEY_JWKS_URL="
-            f"{simulator.jwks_url}",
-            file=sys.stderr,
-        )
+
+    # Whatever the config says about ScaiGrid and ScaiKey, the demo's gateway
+    # talks to the demo's own simulator.
+    overrides = {
+        "upstream.base_url": simulator.base_url,
+        "auth.mode": "scaikey",
+        "auth.jwks_url": simulator.jwks_url,
+        "auth.issuers": [options.issuer],
+        "auth.audience": options.audience,
+    }
+    if gateway_port:
+        overrides["server.port"] = gateway_port
+    try:
+        settings = load_settings(config, overrides=overrides)
+    except Exception:
+        await simulator.stop()
+        raise
+    configure_logging(settings.logging)
 
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)

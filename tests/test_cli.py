@@ -1,0 +1,137 @@
+"""The scaiproxy command as a user runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCAIPROXY = [sys.executable, "-m", "scaiproxy.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SCAIPROXY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_sim_help_lists_options():
+    result = run("sim", "--help")
+    assert result.returncode == 0
+    assert "--port" in result.stdout
+    assert "--latency-ms" in result.stdout
+
+
+def test_check_config_shipped_file():
+    result = run("check-config")
+    assert result.returncode == 0
+    assert "11 routes" in result.stdout
+
+
+def test_check_config_counts_plugin_routes():
+    routes = run("routes")
+    listed = [line for line in routes.stdout.splitlines()[1:] if line.strip()]
+    assert f"{len(listed)} routes" in run("check-config").stdout
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a: &a [*a]\n", "aliases (*name) are not supported"),
+        ("environment: production\nenvironment: development\n", "duplicate key"),
+        ("upstream: {base_url: 'http://x', timeout_s: abc}\n", "upstream.timeout_s"),
+    ],
+    ids=["alias-cycle", "duplicate-key", "bad-type"],
+)
+def test_check_config_rejects_without_traceback(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_busy_port_explains(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("serve", "--port", str(port), timeout=30)
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_demo_end_to_end(tmp_path):
+    """The README's first command: the demo answers real requests, then stops."""
+    gateway_port, sim_port = free_port(), free_port()
+    log = (tmp_path / "demo.log").open("w")
+    process = subprocess.Popen(
+        [
+            *SCAIPROXY,
+            "demo",
+            "--config",
+            str(ROOT / "config.yaml"),
+            "--port",
+            str(gateway_port),
+            "--sim-port",
+            str(sim_port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        banner = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            banner.append(line)
+            if "Press Ctrl-C to stop" in line or not line:
+                break
+        text = "".join(banner)
+        assert "First request through the gateway" in text
+        assert "HTTP 200" in text
+        token = (tmp_path / "var" / "demo-token").read_text().strip()
+        base = f"http://127.0.0.1:{gateway_port}/api"
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(f"{base}/v1/scaicore/events?limit=5") as response:
+                assert response.status == 200
+                events = (await response.json())["data"]["events"]
+            async with session.get(f"{base}/v1/scaicore/checkpoints") as response:
+                checkpoints = (await response.json())["data"]["checkpoints"]
+            checkpoint = checkpoints[0]
+            resolve = f"{base}/v1/scaicore/checkpoints/{checkpoint['id']}/resolve"
+            decision = {"resolution": checkpoint["options"][0]}
+            async with session.post(resolve, json=decision) as response:
+                assert response.status == 200
+        assert len(events) == 5
+        assert events[0]["type"].startswith("scaicore.")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        log.close()
+    assert process.returncode == 0
