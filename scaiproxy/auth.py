@@ -44,6 +44,9 @@ TENANT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MAX_TOKEN_LENGTH = 16_384
 MAX_JWKS_BYTES = 1024 * 1024
+#: Seconds between JWKS fetch attempts while no signing key is held, unless
+#: ``auth.jwks_refresh_interval_s`` is shorter.
+OUTAGE_FETCH_INTERVAL_S = 5.0
 
 _BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 #: Asymmetric algorithms verified with JWKS keys, and the key type each needs.
@@ -111,13 +114,13 @@ def missing_token(message: str) -> ProxyError:
     )
 
 
-def auth_unavailable(message: str) -> ProxyError:
+def auth_unavailable(message: str, retry_after_s: int = 5) -> ProxyError:
     return ProxyError(
         503,
         AUTH_UNAVAILABLE,
         message,
         fix="Try again shortly; operators should check auth.jwks_url.",
-        headers={"Retry-After": "5"},
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 
@@ -230,15 +233,19 @@ class JWKSCache:
     """Signing keys from a JWKS URL, cached and refreshed with care.
 
     Keys are refetched when the cache is older than ``jwks_cache_ttl_s`` and when
-    a token names an unknown ``kid``. Whatever the reason, a fetch is attempted
+    a token names an unknown ``kid``. While keys are held, a fetch is attempted
     at most once per ``jwks_refresh_interval_s``, so a flood of forged tokens
-    cannot hammer ScaiKey. A failed fetch keeps the keys already held.
+    cannot hammer ScaiKey. While none is held, every token is answered 503, so
+    a fetch may be attempted every ``OUTAGE_FETCH_INTERVAL_S`` (or the refresh
+    interval, when shorter), and service returns within that time of ScaiKey's
+    recovery. A failed fetch keeps the keys already held.
     """
 
     def __init__(self, config: AuthConfig, session: aiohttp.ClientSession) -> None:
         self._url = config.jwks_url
         self._ttl = config.jwks_cache_ttl_s
         self._min_interval = config.jwks_refresh_interval_s
+        self._outage_interval = min(OUTAGE_FETCH_INTERVAL_S, self._min_interval)
         self._timeout = aiohttp.ClientTimeout(total=config.jwks_timeout_s)
         self._session = session
         self._keys: dict[str, PublishedKey] = {}
@@ -271,11 +278,15 @@ class JWKSCache:
         if key is not None:
             return key
         if not self._keys:
+            retry_after = self._retry_after(time.monotonic())
             if self._fetched_at is None:
                 raise auth_unavailable(
-                    "The token signing keys could not be fetched from ScaiKey."
+                    "The token signing keys could not be fetched from ScaiKey.",
+                    retry_after,
                 )
-            raise auth_unavailable("ScaiKey's JWKS contains no usable signing key.")
+            raise auth_unavailable(
+                "ScaiKey's JWKS contains no usable signing key.", retry_after
+            )
         if kid is None:
             raise invalid_token(
                 "The token header has no 'kid', and ScaiKey publishes more than "
@@ -290,10 +301,20 @@ class JWKSCache:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None
         return self._keys.get(kid)
 
+    def _interval(self) -> float:
+        return self._min_interval if self._keys else self._outage_interval
+
     def _may_fetch(self, now: float) -> bool:
         return (
-            self._attempted_at is None or now - self._attempted_at >= self._min_interval
+            self._attempted_at is None or now - self._attempted_at >= self._interval()
         )
+
+    def _retry_after(self, now: float) -> int:
+        """Whole seconds until the next fetch may be attempted, at least 1."""
+        if self._attempted_at is None:
+            return 1
+        remaining = self._attempted_at + self._interval() - now
+        return max(1, math.ceil(remaining))
 
     def _start_fetch(self) -> asyncio.Future[None]:
         # get() checks the interval and calls this without an await in between,

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from scaiproxy.errors import ConfigError
 
@@ -32,8 +39,28 @@ DEFAULT_ROLE_PERMISSIONS: dict[str, list[str]] = {
 }
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Model(BaseModel):
+    """Base of every config model: numbers must be finite, and never true or false."""
+
+    # allow_inf_nan=False rejects YAML's .inf and .nan in every float field.
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _reject_bool_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true and false as 1 and 0, so "port: true" would be 1.
+        if not isinstance(value, bool) or info.field_name is None:
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is int:
+            raise ValueError(f"expected an integer, got {str(value).lower()}")
+        if annotation is float:
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+class _Section(_Model):
+    model_config = ConfigDict(extra="forbid")
 
 
 class ServerConfig(_Section):
@@ -41,6 +68,7 @@ class ServerConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     base_path: str = "/api"
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
     shutdown_timeout_s: float = Field(30.0, gt=0)
     openapi_path: str = "/openapi.json"
 
@@ -136,9 +164,9 @@ class ScaiVaultConfig(_Section):
         return normalize_base_url(value) if value else value
 
 
-class SecretsConfig(BaseModel):
+class SecretsConfig(_Model):
     # Extra keys are the blocks of secret backends that plugins add.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow")
 
     backend: str = "file"
     cache_ttl_s: float = Field(30.0, ge=0)
@@ -164,9 +192,9 @@ class LoggingConfig(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
-class PluginsConfig(BaseModel):
+class PluginsConfig(_Model):
     # Extra keys are the plugins' own blocks, validated by each plugin.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow")
 
     enabled: tuple[str, ...] = ("scaicore", "lookups", "tenants")
 
@@ -401,6 +429,7 @@ _EXPECTED = {
     "int_from_float": "expected an integer",
     "float_parsing": "expected a number",
     "float_type": "expected a number",
+    "finite_number": "expected a finite number",
     "bool_parsing": "expected true or false",
     "bool_type": "expected true or false",
     "string_type": "expected a string",

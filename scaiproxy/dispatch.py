@@ -6,6 +6,7 @@ any upstream call; each problem becomes one entry of a 422 ``validation_error``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -14,8 +15,13 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from scaiproxy import jsonutil
-from scaiproxy.config import describe_error
-from scaiproxy.errors import INVALID_JSON, ProxyError, validation_error
+from scaiproxy.config import ServerConfig, describe_error
+from scaiproxy.errors import (
+    INVALID_JSON,
+    REQUEST_TIMEOUT,
+    ProxyError,
+    validation_error,
+)
 from scaiproxy.middleware import (
     CALL,
     PRINCIPAL,
@@ -23,7 +29,7 @@ from scaiproxy.middleware import (
     json_response,
     payload_too_large,
 )
-from scaiproxy.routes import NoContent, RawJSON, RouteSpec, check_path_param
+from scaiproxy.routes import Call, NoContent, RawJSON, RouteSpec, check_path_param
 from scaiproxy.upstream import UpstreamCaller
 
 log = structlog.get_logger("scaiproxy.dispatch")
@@ -36,18 +42,31 @@ _TRACEPARENT = re.compile(
     r"(?P<version>[0-9a-f]{2})-(?P<trace_id>[0-9a-f]{32})-"
     r"(?P<parent_id>[0-9a-f]{16})-(?P<flags>[0-9a-f]{2})"
 )
+# JSON's own names for the values a body may decode to, for error messages.
+_JSON_TYPE_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    type(None): "null",
+}
+_JSON_FIX = "Send a JSON object with Content-Type: application/json."
 
 
 def make_handler(spec: RouteSpec) -> Any:
     """Build the aiohttp handler that serves ``spec``."""
     from scaiproxy.app import METRICS, PLUGIN_CONFIGS, RESOLVER, SETTINGS, UPSTREAM
 
+    route_log = log.bind(route=spec.name, plugin=spec.plugin)
+
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
         settings = app[SETTINGS]
         params = _path_params(spec, request)
         query = _query(spec, request)
-        body = await _body(spec, request, settings.server.max_body_bytes)
+        body = await _body(spec, request, settings.server)
         principal = request[PRINCIPAL] if spec.authenticated else None
         resolver = app[RESOLVER]
         metrics = app[METRICS]
@@ -65,8 +84,6 @@ def make_handler(spec: RouteSpec) -> Any:
             spec.name,
             _traceparent(request),
         )
-        from scaiproxy.routes import Call
-
         call = Call(
             request=request,
             route=spec,
@@ -76,7 +93,7 @@ def make_handler(spec: RouteSpec) -> Any:
             body=body,
             config=app[PLUGIN_CONFIGS].get(spec.plugin),
             upstream=upstream,
-            log=log.bind(route=spec.name, plugin=spec.plugin),
+            log=route_log,
         )
         request[CALL] = call
         result = await spec.handler(call)
@@ -163,40 +180,80 @@ def _query(spec: RouteSpec, request: web.Request) -> BaseModel | None:
         raise validation_error(_describe(exc, "query")) from None
 
 
-async def _body(spec: RouteSpec, request: web.Request, limit: int) -> BaseModel | None:
+async def _body(
+    spec: RouteSpec, request: web.Request, server: ServerConfig
+) -> BaseModel | None:
     if spec.body is None:
         return None
     declared = request.content_length
-    if declared is not None and declared > limit:
-        raise payload_too_large(limit)
-    raw = await request.read()
+    if declared is not None and declared > server.max_body_bytes:
+        raise payload_too_large(server.max_body_bytes)
+    raw = await _read_body(request, server.body_timeout_s)
     if not raw.strip():
-        raise ProxyError(
-            400,
-            INVALID_JSON,
-            "The request body is empty.",
-            fix="Send a JSON object with Content-Type: application/json.",
-        )
-    try:
-        document = jsonutil.loads(raw, max_depth=jsonutil.MAX_REQUEST_DEPTH)
-    except jsonutil.JSONSyntaxError as exc:
-        raise ProxyError(
-            400,
-            INVALID_JSON,
-            f"The request body is not valid JSON: {str(exc)[:200]}.",
-            fix="Send a JSON object with Content-Type: application/json.",
-        ) from None
+        raise ProxyError(400, INVALID_JSON, "The request body is empty.", fix=_JSON_FIX)
+    document = _decode_body(raw)
     if not isinstance(document, dict):
+        kind = _JSON_TYPE_NAMES.get(type(document), "value")
         raise ProxyError(
             400,
             INVALID_JSON,
-            f"The request body is a JSON {type(document).__name__}, not an object.",
+            f"The request body is a JSON {kind}, not an object.",
             fix='Send a JSON object, such as {"key": "value"}.',
         )
     try:
         return spec.body.model_validate(document)
     except ValidationError as exc:
         raise validation_error(_describe(exc, "body", spec.body)) from None
+
+
+async def _read_body(request: web.Request, timeout_s: float) -> bytes:
+    """Read the whole body, or raise 408 when it is not complete in ``timeout_s``.
+
+    Without this bound, a client that declares a Content-Length and then sends
+    fewer bytes would hold the handler for as long as it keeps the connection.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        received = request.content.total_bytes
+        log.info(
+            "request_body_timeout",
+            timeout_s=timeout_s,
+            received_bytes=received,
+            declared_bytes=request.content_length,
+        )
+        raise ProxyError(
+            408,
+            REQUEST_TIMEOUT,
+            f"The request body was not complete within {timeout_s:g} s "
+            f"({received} bytes received).",
+            fix="Send the whole body within that time, with a Content-Length that "
+            "matches it; operators set the limit in server.body_timeout_s.",
+            headers={"Connection": "close"},
+        ) from None
+
+
+def _decode_body(raw: bytes) -> Any:
+    try:
+        return jsonutil.loads(raw, max_depth=jsonutil.MAX_REQUEST_DEPTH)
+    except jsonutil.JSONSyntaxError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            message = f"The request body is not valid UTF-8 (at byte {cause.start})."
+            fix = "Encode the body as UTF-8."
+        elif isinstance(cause, RecursionError):
+            # The decoder gives up on very deep documents before the depth check
+            # runs, so both cases get the depth check's message.
+            message = (
+                "The request body is not valid JSON: nested deeper than "
+                f"{jsonutil.MAX_REQUEST_DEPTH} levels."
+            )
+            fix = _JSON_FIX
+        else:
+            message = f"The request body is not valid JSON: {str(exc)[:200]}."
+            fix = _JSON_FIX
+        raise ProxyError(400, INVALID_JSON, message, fix=fix) from None
 
 
 def _describe(
@@ -209,5 +266,12 @@ def _describe(
         message = describe_error(error, show_input=not secret)
         if error["type"] == "extra_forbidden" and model and len(error["loc"]) == 1:
             message = f"unknown field; allowed: {', '.join(model.model_fields)}"
+        elif error["type"] == "string_unicode":
+            # pydantic's own message speaks of raw data that cannot be parsed.
+            message = (
+                "contains a lone surrogate escape such as \\ud800, which is "
+                "valid JSON but not Unicode text; send a complete surrogate pair "
+                "or the character itself"
+            )
         entries.append({"field": field[:128], "location": location, "message": message})
     return entries

@@ -136,6 +136,10 @@ def _responses(spec: RouteSpec) -> dict[str, Any]:
             "description": "Body is not a JSON object, or ScaiGrid rejected a value",
             "content": error,
         }
+        responses["408"] = {
+            "description": "Body not received in full within server.body_timeout_s",
+            "content": error,
+        }
     return responses
 
 

@@ -517,6 +517,66 @@ async def test_jwks_recovers_after_interval(gateway, jwks_server, rsa_key, clock
     assert status == 200
 
 
+async def test_jwks_outage_recovers_in_5s(gateway, jwks_server, rsa_key, clock):
+    jwks_server.fail = True
+    assert (await get_me(gateway, bearer(mint(rsa_key))))[0] == 503
+    jwks_server.fail = False
+    clock.advance(5)
+    status, _, _ = await get_me(gateway, bearer(mint(rsa_key)))
+    assert status == 200
+
+
+async def test_jwks_outage_fetch_rate(gateway, jwks_server, rsa_key, clock):
+    jwks_server.fail = True
+    for _ in range(10):
+        assert (await get_me(gateway, bearer(mint(rsa_key))))[0] == 503
+    assert jwks_server.fetches == 1
+    clock.advance(4)
+    _, _, response = await get_me(gateway, bearer(mint(rsa_key)))
+    assert response.headers["Retry-After"] == "1"
+    assert jwks_server.fetches == 1
+    clock.advance(1)
+    await get_me(gateway, bearer(mint(rsa_key)))
+    assert jwks_server.fetches == 2
+
+
+async def test_jwks_outage_retry_after_follows_interval(
+    make_gateway, upstream, jwks_server, rsa_key, clock
+):
+    config = base_config(upstream.base_url, jwks_server.url)
+    config["auth"]["jwks_refresh_interval_s"] = 2
+    client = await make_gateway(config)
+    jwks_server.fail = True
+    _, _, response = await get_me(client, bearer(mint(rsa_key)))
+    assert response.headers["Retry-After"] == "2"
+    jwks_server.fail = False
+    clock.advance(2)
+    assert (await get_me(client, bearer(mint(rsa_key))))[0] == 200
+
+
+async def test_empty_jwks_refetched_in_5s(gateway, jwks_server, rsa_key, clock):
+    jwks_server.keys = []
+    status, body, response = await get_me(gateway, bearer(mint(rsa_key)))
+    assert status == 503
+    assert "no usable signing key" in body["detail"]["message"]
+    assert response.headers["Retry-After"] == "5"
+    jwks_server.keys = [rsa_key]
+    clock.advance(5)
+    assert (await get_me(gateway, bearer(mint(rsa_key))))[0] == 200
+
+
+async def test_held_keys_keep_refresh_interval(gateway, jwks_server, rsa_key, clock):
+    assert (await get_me(gateway, bearer(mint(rsa_key))))[0] == 200
+    stranger = make_rsa_key("rsa-unknown")
+    for seconds in (5, 10, 14):
+        clock.advance(seconds)
+        assert (await get_me(gateway, bearer(mint(stranger))))[0] == 401
+    assert jwks_server.fetches == 1
+    clock.advance(1)
+    assert (await get_me(gateway, bearer(mint(stranger))))[0] == 401
+    assert jwks_server.fetches == 2
+
+
 async def test_jwks_skips_symmetric_keys(jwks_server, rsa_key):
     class SymmetricKey:
         def jwk(self) -> dict[str, Any]:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 from conftest import base_config
+from pydantic import BaseModel
 
-from scaiproxy.config import load_settings, settings_from_mapping
+from scaiproxy.config import Settings, load_settings, settings_from_mapping
 from scaiproxy.errors import ConfigError
 
 UPSTREAM = "http://127.0.0.1:9"
@@ -46,6 +47,107 @@ def test_wrong_type_names_key_and_value():
 def test_wrong_type_integer():
     error = rejected(config(server={"port": "eighty"}))
     assert str(error) == "server.port: expected an integer, got 'eighty'"
+
+
+def numeric_keys(
+    model: type[BaseModel], annotation: type, prefix: str = ""
+) -> list[str]:
+    """List the dotted keys of every ``annotation`` field under ``model``."""
+    keys = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys.extend(numeric_keys(kind, annotation, f"{prefix}{name}."))
+        elif kind is annotation:
+            keys.append(prefix + name)
+    return keys
+
+
+INTEGER_KEYS = numeric_keys(Settings, int)
+FLOAT_KEYS = numeric_keys(Settings, float)
+
+
+def test_numeric_keys_found():
+    assert "server.port" in INTEGER_KEYS
+    assert "upstream.timeout_s" in FLOAT_KEYS
+    assert "secrets.scaivault.timeout_s" in FLOAT_KEYS
+
+
+@pytest.mark.parametrize("key", INTEGER_KEYS)
+def test_boolean_integer_rejected(key):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(config(), environ={}, overrides={key: True})
+    assert str(caught.value) == f"{key}: expected an integer, got true"
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_boolean_float_rejected(key):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(config(), environ={}, overrides={key: False})
+    assert str(caught.value) == f"{key}: expected a number, got false"
+
+
+NON_FINITE = [
+    pytest.param(float("inf"), id="inf"),
+    pytest.param(float("-inf"), id="minus-inf"),
+    pytest.param(float("nan"), id="nan"),
+    pytest.param("inf", id="inf-string"),
+]
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_infinite_float_rejected(key, value):
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(config(), environ={}, overrides={key: value})
+    assert caught.value.key == key
+    assert "expected a finite number" in caught.value.message
+
+
+def test_yaml_inf_rejected(tmp_path):
+    text = f"upstream:\n  base_url: {UPSTREAM}\n  timeout_s: .inf\n"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert str(caught.value) == "upstream.timeout_s: expected a finite number, got inf"
+
+
+def test_yaml_true_port_rejected(tmp_path):
+    text = f"server:\n  port: true\nupstream:\n  base_url: {UPSTREAM}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert str(caught.value) == "server.port: expected an integer, got true"
+
+
+def test_port_from_variable_default():
+    settings = settings_from_mapping(
+        config(server={"port": "${PORT:-8080}"}), environ={}
+    )
+    assert settings.server.port == 8080
+
+
+def test_port_from_variable():
+    settings = settings_from_mapping(
+        config(server={"port": "${PORT:-8080}"}), environ={"PORT": "9090"}
+    )
+    assert settings.server.port == 9090
+
+
+def test_boolean_switch_still_accepted():
+    settings = settings_from_mapping(
+        config(upstream={"coalesce_gets": False}), environ={}
+    )
+    assert settings.upstream.coalesce_gets is False
+
+
+def test_body_timeout_default():
+    settings = settings_from_mapping(config(), environ={})
+    assert settings.server.body_timeout_s == 30
+
+
+def test_body_timeout_must_be_positive():
+    error = rejected(config(server={"body_timeout_s": 0}))
+    assert error.key == "server.body_timeout_s"
+    assert "greater than 0" in error.message
 
 
 def test_wrong_type_mapping():

@@ -326,10 +326,52 @@ async def test_bom_prefixed_body_accepted(client, token):
     assert response.status == 200
 
 
-async def test_array_body_message_names_type(client, token):
-    response = await client.post(ITEMS, data=b"[1, 2]", headers=bearer(token))
+JSON_TYPES = [
+    pytest.param(b"[1, 2]", "array", id="array"),
+    pytest.param(b"null", "null", id="null"),
+    pytest.param(b"42", "number", id="integer"),
+    pytest.param(b"1.5", "number", id="float"),
+    pytest.param(b'"name"', "string", id="string"),
+    pytest.param(b"true", "boolean", id="boolean"),
+]
+
+
+@pytest.mark.parametrize("data, name", JSON_TYPES)
+async def test_non_object_body_names_json_type(client, token, data, name):
+    response = await client.post(ITEMS, data=data, headers=bearer(token))
     detail = await detail_of(response)
-    assert "list" in detail["message"]
+    assert detail["message"] == f"The request body is a JSON {name}, not an object."
+
+
+DEEP_BODIES = {
+    key: INVALID_BODIES[key] for key in ("deep arrays", "deep objects", "deep value")
+}
+
+
+@pytest.mark.parametrize("data", DEEP_BODIES.values(), ids=DEEP_BODIES.keys())
+async def test_deep_body_names_depth_limit(large_client, token, data):
+    response = await large_client.post(ITEMS, data=data, headers=bearer(token))
+    detail = await detail_of(response)
+    assert detail["message"] == (
+        "The request body is not valid JSON: nested deeper than 128 levels."
+    )
+
+
+async def test_invalid_utf8_names_byte(client, token):
+    data = b'{"name": "\xff\xfe", "size": 1}'
+    response = await client.post(ITEMS, data=data, headers=bearer(token))
+    detail = await detail_of(response)
+    assert detail["message"] == "The request body is not valid UTF-8 (at byte 10)."
+
+
+async def test_lone_surrogate_field_message(client, token):
+    data = b'{"name": "\\ud800", "size": 1}'
+    response = await client.post(ITEMS, data=data, headers=bearer(token))
+    detail = await detail_of(response)
+    assert response.status == 422
+    assert detail["errors"][0]["field"] == "name"
+    assert "lone surrogate" in detail["errors"][0]["message"]
+    assert "unable to parse" not in detail["errors"][0]["message"]
 
 
 # --- 422 ----------------------------------------------------------------------
@@ -651,3 +693,90 @@ async def test_empty_query_name_listed(client, token):
     detail = await detail_of(response)
     assert response.status == 422
     assert detail["errors"][0]["field"] == "(empty name)"
+
+
+# --- 408 request_timeout ------------------------------------------------------
+
+
+INVOKE = "/api/v1/scaicore/cores/c1/invoke"
+
+
+async def raw_request(client, head: bytes, parts: list[bytes], pause_s: float):
+    """Send ``head`` and the body ``parts`` with ``pause_s`` between them.
+
+    Returns the response's status, headers and decoded JSON body, waiting at
+    most 5 s for each part of the response.
+    """
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause_s)
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        lines = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).split(
+            b"\r\n"
+        )
+        headers = CIMultiDict(
+            line.decode("latin-1").split(": ", 1) for line in lines if b": " in line
+        )
+        body = await asyncio.wait_for(
+            reader.readexactly(int(headers["Content-Length"])), 5
+        )
+    finally:
+        writer.close()
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def post_head(path: str, token: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+@pytest.fixture
+async def slow_body_client(make_gateway, upstream, jwks_server):
+    """A gateway that waits 0.5 s for a request body."""
+    upstream.route(
+        "POST",
+        "/v1/modules/scaicore/cores/c1/invoke",
+        json_body={"data": {"output": 1}},
+    )
+    raw = base_config(
+        upstream.base_url,
+        jwks_server.url,
+        server={"body_timeout_s": 0.5},
+        plugins={"enabled": ["scaicore", "probe"]},
+    )
+    return await make_gateway(raw, plugins={"probe": Probe()})
+
+
+async def test_incomplete_body_is_408(slow_body_client, upstream, token):
+    status, headers, body = await raw_request(
+        slow_body_client, post_head(INVOKE, token, 100), [b'{"input":'], 0
+    )
+    assert status == 408
+    assert body["detail"]["error"] == "request_timeout"
+    assert "9 bytes received" in body["detail"]["message"]
+    assert headers["Connection"] == "close"
+    assert upstream.requests == []
+
+
+async def test_body_in_parts_within_timeout(slow_body_client, upstream, token):
+    parts = [b'{"input": ', b'{"a": 1}', b"}"]
+    length = sum(len(part) for part in parts)
+    status, _, body = await raw_request(
+        slow_body_client, post_head(INVOKE, token, length), parts, 0.1
+    )
+    assert status == 200, body
+    assert upstream.last.body == b'{"input":{"a": 1}}'
+
+
+async def test_openapi_lists_408_for_body_routes(client):
+    document = await (await client.get("/openapi.json")).json()
+    operations = document["paths"]["/api/v1/probe/items"]
+    assert "408" in operations["post"]["responses"]
+    assert "408" not in operations["get"]["responses"]

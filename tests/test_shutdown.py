@@ -88,7 +88,8 @@ async def refuses_connections(port: int, within_s: float) -> bool:
     while time.monotonic() < deadline:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
+            # A connection still in the backlog when the listener closes is reset.
             return True
         writer.close()
         await asyncio.sleep(0.05)

@@ -7,6 +7,7 @@ import base64
 import json
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -179,6 +180,42 @@ async def test_dev_token_route_rejects_bad_body(
     response = await client.post("/scaikey/dev/token", json=payload)
     assert response.status == 400
     assert (await response.json())["error"] == "invalid_request"
+
+
+async def dev_token_claims(client: TestClient, **body: Any) -> dict[str, Any]:
+    response = await client.post(
+        "/scaikey/dev/token", json={"tenant_id": "acme", **body}
+    )
+    assert response.status == 200
+    token = (await response.json())["access_token"]
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+async def test_dev_token_defaults_without_roles(client: TestClient) -> None:
+    claims = await dev_token_claims(client)
+    assert claims["roles"] == ["tenant_admin"]
+    assert claims["permissions"] == ["scaicore:view", "scaicore:manage"]
+
+
+async def test_dev_token_roles_grant_no_permissions(client: TestClient) -> None:
+    claims = await dev_token_claims(client, roles=["tenant_viewer"])
+    assert claims["roles"] == ["tenant_viewer"]
+    assert claims["permissions"] == []
+    assert claims["scope"] == ""
+
+
+async def test_dev_token_permissions_grant_no_roles(client: TestClient) -> None:
+    claims = await dev_token_claims(client, permissions=["scaicore:view"])
+    assert claims["roles"] == []
+    assert claims["permissions"] == ["scaicore:view"]
+
+
+async def test_dev_token_both_given(client: TestClient) -> None:
+    claims = await dev_token_claims(
+        client, roles=["tenant_user"], permissions=["scaicore:view"]
+    )
+    assert claims["roles"] == ["tenant_user"]
+    assert claims["permissions"] == ["scaicore:view"]
 
 
 # --- ScaiGrid authentication -----------------------------------------------------
@@ -1306,6 +1343,18 @@ async def test_request_log_records_kind_not_secret(
     assert api_key not in json.dumps(records)
     assert acme["Authorization"][7:] not in json.dumps(records)
     assert list(sim.recorded_requests)[-3:] == records
+
+
+async def test_request_log_time_is_completion(
+    client: TestClient, sim: Simulator, acme: dict
+) -> None:
+    sim.options.latency_ms = 300
+    sent = time.time()
+    await client.get(f"{SCAICORE}/cores", headers=acme)
+    response = await client.get("/_sim/requests", params={"limit": "1"})
+    record = (await response.json())["data"][0]
+    recorded = datetime.fromisoformat(record["time"]).timestamp()
+    assert recorded >= sent + 0.29
 
 
 async def test_request_log_limit_is_validated(client: TestClient) -> None:

@@ -69,13 +69,15 @@ async def mint_dev_token(request: web.Request) -> web.Response:
             f"ttl_s must be an integer from 1 to {MAX_DEV_TOKEN_TTL_S} seconds."
         )
 
+    # A request that names roles or permissions gets exactly those, so a
+    # tenant_viewer token does not also carry the default scaicore:manage.
+    # Only a request that names neither gets the defaults.
     options: dict[str, Any] = {}
     roles = _string_list(body, "roles")
-    if roles is not None:
-        options["roles"] = roles
     permissions = _string_list(body, "permissions")
-    if permissions is not None:
-        options["permissions"] = permissions
+    if roles is not None or permissions is not None:
+        options["roles"] = roles or []
+        options["permissions"] = permissions or []
 
     token = sim.mint_token(tenant_id, sub=sub, ttl_s=ttl_s, **options)
     return json_response(
