@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import multiprocessing
 import os
 import signal
@@ -151,6 +153,7 @@ def run_worker(config: str | None, host: str, port: int, reuse_port: bool) -> No
     def listening(_message: str) -> None:
         log.info("listening", host=host, port=port, pid=os.getpid())
 
+    app.on_startup.append(_freeze_gc)
     try:
         web.run_app(
             app,
@@ -161,12 +164,29 @@ def run_worker(config: str | None, host: str, port: int, reuse_port: bool) -> No
             print=listening,
             shutdown_timeout=settings.server.shutdown_timeout_s,
             handle_signals=True,
+            loop=new_event_loop(),
         )
     except OSError as exc:
         raise SystemExit(
             f"scaiproxy: cannot listen on {host}:{port}: {exc.strerror or exc}; "
             "pass --port or stop what uses it"
         ) from None
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """Return a uvloop event loop where uvloop is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def _freeze_gc(app: Any) -> None:
+    # Objects alive after start-up (modules, config, routes) live as long as the
+    # process; keeping them out of the cyclic collector shortens its pauses.
+    gc.collect()
+    gc.freeze()
 
 
 def _worker_main(config: str | None, host: str, port: int) -> None:

@@ -5,6 +5,7 @@ authentication, permission check. :func:`middlewares` lists them in that order.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from scaiproxy.routes import RouteSpec
 
 log = structlog.get_logger("scaiproxy.request")
+# The stdlib logger behind ``log``: asking it for the level skips building the
+# access event's fields when INFO is off.
+_access_logger = logging.getLogger("scaiproxy.request")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 #: The status logged when the client closed the connection before the response.
@@ -119,6 +123,8 @@ def _access_event(
     duration: float,
     disconnected: bool,
 ) -> None:
+    if not _access_logger.isEnabledFor(logging.INFO):
+        return
     fields: dict[str, Any] = {
         "method": request.method,
         "route": route,
