@@ -1,0 +1,74 @@
+"""The minimum an aiohttp reverse proxy does, as a floor for scaiproxy's figures.
+
+One shared ClientSession, the gateway's two GET paths, ``limit`` passed on, the
+tenant key and a new ``X-Request-ID`` sent upstream, and the body returned as
+it came. No token check, validation, envelope, logging or metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+import aiohttp
+from aiohttp import web
+from fixtures import API_KEY
+
+UPSTREAM_PATHS = {
+    "/api/v1/scaicore/events": "/v1/modules/scaicore/events",
+    "/api/v1/scaigrid/models": "/v1/models",
+}
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+async def _session(app: web.Application):
+    connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        app[SESSION] = session
+        yield
+
+
+def make_app(upstream: str) -> web.Application:
+    async def forward(request: web.Request) -> web.Response:
+        request_id = uuid.uuid4().hex
+        params = {"limit": request.query["limit"]} if "limit" in request.query else None
+        async with request.app[SESSION].get(
+            upstream + UPSTREAM_PATHS[request.path],
+            params=params,
+            headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": request_id},
+        ) as response:
+            body = await response.read()
+            return web.Response(
+                status=response.status,
+                body=body,
+                content_type="application/json",
+                headers={"X-Request-ID": request_id},
+            )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.cleanup_ctx.append(_session)
+    for path in UPSTREAM_PATHS:
+        app.router.add_get(path, forward)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="base URL of the upstream")
+    args = parser.parse_args()
+    web.run_app(
+        make_app(args.upstream.rstrip("/")),
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()
