@@ -73,7 +73,7 @@ def make_handler(spec: RouteSpec) -> Any:
 
         async def resolve_credential() -> Any:
             credential = await resolver.resolve(principal)
-            metrics.credential_sources.labels(credential.source).inc()
+            metrics.child(metrics.credential_sources, credential.source).inc()
             return credential
 
         upstream = UpstreamCaller(

@@ -102,8 +102,8 @@ def tracing_middleware(metrics: Metrics) -> Any:
             if disconnected:
                 # The client left before the response was sent: 499, as nginx logs it.
                 status = CLIENT_CLOSED_REQUEST
-            metrics.requests.labels(route, request.method, str(status)).inc()
-            metrics.duration.labels(route).observe(duration)
+            metrics.child(metrics.requests, route, request.method, str(status)).inc()
+            metrics.child(metrics.duration, route).observe(duration)
             _access_event(request, spec, route, status, duration, disconnected)
             structlog.contextvars.clear_contextvars()
 

@@ -141,7 +141,7 @@ class UpstreamClient:
         shared = self._in_flight.get(key)
         if shared is not None:
             if self.metrics:
-                self.metrics.coalesced.labels(route).inc()
+                self.metrics.child(self.metrics.coalesced, route).inc()
             return await asyncio.shield(shared)
         shared = asyncio.ensure_future(
             self._send(method, url, credential, headers, body, timeout_s, route)
@@ -226,8 +226,12 @@ class UpstreamClient:
         status, response_headers, payload = response
         duration_ms = (time.perf_counter() - started) * 1000
         if self.metrics:
-            self.metrics.upstream_duration.labels(route).observe(duration_ms / 1000)
-            self.metrics.upstream_requests.labels(route, str(status)).inc()
+            self.metrics.child(self.metrics.upstream_duration, route).observe(
+                duration_ms / 1000
+            )
+            self.metrics.child(
+                self.metrics.upstream_requests, route, str(status)
+            ).inc()
         upstream_request_id = _text(response_headers.get("X-Request-ID"))
         if 200 <= status < 300:
             return UpstreamResponse(
