@@ -1,6 +1,6 @@
 """``scaiproxy demo``: the ScaiGrid simulator and the gateway, together on loopback.
 
-The simulator stands in for ScaiGrid, ScaiKey and ScaiVault. The gateway runs
+The simulator replaces ScaiGrid, ScaiKey and ScaiVault. The gateway runs
 with the given config (``config.yaml`` by default), its ScaiGrid and ScaiKey
 settings pointed at the simulator, and the demo prints a ready token and curl
 commands that send real requests through the gateway.
@@ -48,8 +48,8 @@ async def _demo(config: str | None, gateway_port: int | None, sim_port: int) -> 
         )
         return 1
 
-    # Whatever the config says about ScaiGrid and ScaiKey, the demo's gateway
-    # talks to the demo's own simulator.
+    # The demo's gateway always talks to the demo's own simulator, whatever the
+    # config sets for ScaiGrid and ScaiKey.
     overrides = {
         "upstream.base_url": simulator.base_url,
         "auth.mode": "scaikey",

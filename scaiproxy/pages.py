@@ -104,9 +104,10 @@ def _exact_page(body: bytes, key: str) -> bytes | None:
     """Return ``data`` as it is when the page already has the gateway's shape.
 
     That shape is ``{"data": {key: [objects], "next_cursor": string or null}}``
-    and nothing else. orjson checks it, more than ten times faster than the
-    member-by-member walk; its decoded values are only looked at, never sent, so
-    its rounding of integers beyond 64 bits does not matter. Any other page
+    and nothing else. orjson checks it about four times faster than the
+    member-by-member walk (0.85 ms against 3.8 ms for a 250 KB page, measured on
+    the benchmark machine). Its decoded values are only inspected and never
+    sent, so its rounding of integers beyond 64 bits does not matter. Any other page
     (extra members, an envelope ``status``, a body orjson rejects) returns
     ``None`` and takes the exact walk.
     """

@@ -1,4 +1,4 @@
-"""The answer to requests that aiohttp's HTTP parser rejects.
+"""The response to requests that aiohttp's HTTP parser rejects.
 
 Such a request (a header line over the limit, a control byte in a header, an
 unknown method) never reaches the app or its middleware. aiohttp 3.14 answers it
@@ -21,7 +21,7 @@ from scaiproxy import jsonutil
 
 
 class GatewayRequestHandler(web_protocol.RequestHandler):
-    """aiohttp's connection protocol, with an enveloped, input-free error answer."""
+    """aiohttp's connection protocol, with an enveloped error response that quotes nothing."""
 
     def handle_error(
         self,

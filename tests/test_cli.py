@@ -83,7 +83,7 @@ def test_serve_busy_port_explains(tmp_path):
 
 
 async def test_demo_end_to_end(tmp_path):
-    """The README's first command: the demo answers real requests, then stops."""
+    """The README's first command: the demo serves real requests, then stops."""
     gateway_port, sim_port = free_port(), free_port()
     log = (tmp_path / "demo.log").open("w")
     process = subprocess.Popen(

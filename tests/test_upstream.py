@@ -874,3 +874,15 @@ async def test_upstream_path_checked(gateway, upstream, path):
     with pytest.raises(ValueError, match="invalid upstream path"):
         await caller.get(path)
     assert upstream.requests == []
+
+
+async def test_200_concurrent_polls_few_upstream_calls(gateway, upstream, token):
+    """Many Live Runs panels polling one tenant's page cost ScaiGrid a few calls."""
+    counting_route(upstream, EVENTS_UP, delay_s=0.05)
+    responses = await asyncio.gather(
+        *(gateway.get(EVENTS, headers=bearer(token)) for _ in range(200))
+    )
+    bodies = [await response.json() for response in responses]
+    assert [response.status for response in responses] == [200] * 200
+    assert all(body == PAGE for body in bodies)
+    assert len(upstream.requests) <= 5
