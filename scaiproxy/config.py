@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -23,6 +23,8 @@ from pydantic import (
 )
 
 from scaiproxy.errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 CONFIG_ENV_VAR = "SCAIPROXY_CONFIG"
 DEPLOY_AUTH_ENV_VAR = "SCAIFLOW_DEPLOY_AUTH"
@@ -411,6 +413,20 @@ def _join_messages(errors: list[tuple[str, str]]) -> str:
         return first
     rest = "; ".join(f"{key}: {message}" for key, message in errors[1:])
     return f"{first}; also {rest}"
+
+
+def parse_block(model: type[ModelT], block: Mapping[str, Any], prefix: str = "") -> ModelT:
+    """Validate a config block with a pydantic model, raising :class:`ConfigError`.
+
+    The error names the first bad key, under ``prefix`` when given. Plugins call
+    this from ``scaiproxy_configure`` with no prefix: the core adds
+    ``plugins.<name>``.
+    """
+    try:
+        return model.model_validate(block)
+    except ValidationError as exc:
+        key, message = format_errors(exc, prefix)[0]
+        raise ConfigError(key, message) from None
 
 
 def format_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:

@@ -488,15 +488,9 @@ def is_loopback_host(host: str) -> bool:
 
 
 def _parse(model: Any, block: Mapping[str, Any], name: str) -> Any:
-    from pydantic import ValidationError
+    from scaiproxy.config import parse_block
 
-    from scaiproxy.config import format_errors
-
-    try:
-        return model.model_validate(block)
-    except ValidationError as exc:
-        key, message = format_errors(exc, f"secrets.{name}")[0]
-        raise ConfigError(key, message) from None
+    return parse_block(model, block, f"secrets.{name}")
 
 
 # The per-tenant cache

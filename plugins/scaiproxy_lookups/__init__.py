@@ -15,10 +15,10 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from scaiproxy import Call, ConfigError, RawJSON, RouteSpec, hookimpl, jsonutil
-from scaiproxy.config import format_errors
+from scaiproxy import Call, RawJSON, RouteSpec, hookimpl, jsonutil
+from scaiproxy.config import parse_block
 from scaiproxy.pages import data_list, shape_error
 from scaiproxy.upstream import upstream_url
 from scaiproxy_lookups.cache import LookupCache
@@ -325,11 +325,7 @@ MODELS_SCHEMA = {
 
 @hookimpl
 def scaiproxy_configure(block: dict[str, Any], settings: Any) -> LookupsConfig:
-    try:
-        return LookupsConfig.model_validate(block)
-    except ValidationError as exc:
-        key, message = format_errors(exc)[0]
-        raise ConfigError(key, message) from None
+    return parse_block(LookupsConfig, block)
 
 
 @hookimpl

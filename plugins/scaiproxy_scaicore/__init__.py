@@ -15,13 +15,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
 )
 
-from scaiproxy import Call, ConfigError, RawJSON, RouteSpec, hookimpl, jsonutil
-from scaiproxy.config import format_errors
+from scaiproxy import Call, RawJSON, RouteSpec, hookimpl, jsonutil
+from scaiproxy.config import parse_block
 from scaiproxy.pages import data_object, list_page, shape_error
 from scaiproxy.routes import check_path_param
 
@@ -271,11 +270,7 @@ def _check_invoke_response(call: Call, result: RawJSON) -> None:
 
 @hookimpl
 def scaiproxy_configure(block: dict[str, Any], settings: Any) -> ScaiCoreConfig:
-    try:
-        return ScaiCoreConfig.model_validate(block)
-    except ValidationError as exc:
-        key, message = format_errors(exc)[0]
-        raise ConfigError(key, message) from None
+    return parse_block(ScaiCoreConfig, block)
 
 
 @hookimpl
