@@ -1,10 +1,11 @@
 """The response to requests that aiohttp's HTTP parser rejects.
 
 Such a request (a header line over the limit, a control byte in a header, an
-unknown method) never reaches the app or its middleware. aiohttp 3.14 answers it
-itself, in plain text that quotes up to a whole header line back to the sender:
-a bearer token included. The gateway swaps in a protocol class whose answer is
-the usual JSON error envelope with an ``X-Request-ID`` and no quoted input.
+unknown method) never reaches the app or its middleware. aiohttp 3.14 responds
+to it itself, in plain text that quotes up to a whole header line back to the
+sender, a bearer token included. The gateway swaps in a protocol class whose
+response is the usual JSON error envelope with an ``X-Request-ID`` and no
+quoted input.
 """
 
 from __future__ import annotations
@@ -70,5 +71,5 @@ def install() -> None:
     replaced there. Every aiohttp server of the process is affected, which in a
     gateway process is the gateway itself.
     """
-    # NOTE: relies on aiohttp internals (checked with 3.12 to 3.14).
+    # NOTE: relies on aiohttp internals: run with 3.14, source read for 3.12.
     web_server.RequestHandler = GatewayRequestHandler  # type: ignore[misc]
