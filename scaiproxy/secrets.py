@@ -9,6 +9,7 @@ never treats an unreachable or unreadable store as an absent secret.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import os
 import re
@@ -128,15 +129,51 @@ class FileSecretStore:
     async def put(self, path: str, value: str) -> None:
         check_secret_path(path)
         async with self._lock:
-            # A file that cannot be read is never overwritten, because its other
-            # secrets would be lost.
-            values = dict(await self._load())
-            values[path] = value
-            raw = self._encode(values)
-            await asyncio.to_thread(self._write, raw)
+            raw, values = await asyncio.to_thread(self._locked_update, path, value)
             signature = self._stat()
             if signature is not None:
                 self._snapshot = _Snapshot(signature, time.time_ns(), raw, values)
+
+    def _locked_update(self, path: str, value: str) -> tuple[bytes, dict[str, str]]:
+        """Read, change and write the file while holding an exclusive lock on it.
+
+        The lock (``flock`` on ``.<name>.lock`` beside the file) is shared by
+        every process, so gateway workers writing at once each keep the
+        others' changes. The file is read afresh under the lock; one that
+        cannot be read is never overwritten, because its other secrets would
+        be lost.
+        """
+        folder = self.path.parent
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock = os.open(
+                folder / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600
+            )
+        except OSError as exc:
+            raise SecretStoreError(
+                self.name, f"cannot write {self.path}: {exc}"
+            ) from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.path.read_bytes()
+            except FileNotFoundError:
+                current = b""
+            except OSError as exc:
+                raise SecretStoreError(
+                    self.name, f"cannot read {self.path}: {exc}"
+                ) from None
+            if len(current) > MAX_FILE_BYTES:
+                raise SecretStoreError(
+                    self.name, f"{self.path} is larger than {MAX_FILE_BYTES} bytes"
+                )
+            values = dict(self._decode(current))
+            values[path] = value
+            raw = self._encode(values)
+            self._write(raw)
+            return raw, values
+        finally:
+            os.close(lock)  # also releases the lock
 
     async def close(self) -> None:
         return None

@@ -252,7 +252,40 @@ async def test_file_write_leaves_no_temporary(tmp_path):
     store = FileSecretStore(tmp_path / "secrets.json")
     await store.put(KEY_PATH, KEY_A)
     await store.put(BASE_URL_PATH, "https://grid.example.com")
-    assert sorted(os.listdir(tmp_path)) == ["secrets.json"]
+    assert sorted(os.listdir(tmp_path)) == [".secrets.json.lock", "secrets.json"]
+
+
+def _write_many(path: str, tenant: str, count: int, start) -> None:
+    """Store ``count`` keys from a separate process once ``start`` is set."""
+
+    async def run() -> None:
+        store = FileSecretStore(path)
+        for index in range(count):
+            await store.put(f"tenants/{tenant}-{index}/scaigrid_api_key", KEY_A)
+
+    start.wait(30)
+    asyncio.run(run())
+
+
+def test_file_writes_from_processes_all_kept(tmp_path):
+    """Workers of one gateway writing the same file keep each other's keys."""
+    import multiprocessing
+
+    path = str(tmp_path / "secrets.json")
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    writers = [
+        context.Process(target=_write_many, args=(path, f"w{number}", 60, start))
+        for number in range(4)
+    ]
+    for writer in writers:
+        writer.start()
+    start.set()
+    for writer in writers:
+        writer.join(60)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0, 0]
+    stored = json.loads((tmp_path / "secrets.json").read_text())
+    assert len(stored) == 240
 
 
 async def test_file_write_keeps_other_secrets(tmp_path):

@@ -230,6 +230,11 @@ async def test_set_rejects_missing_key(client, rsa_key):
         ("grid.example.com", "expected an https URL"),
         ("https://grid.example.com\r\nX-Injected: 1", "control characters"),
         ("https://" + "a" * 2100 + ".com", "too long"),
+        ("https://grid.example.com/other/..", "plain form"),
+        ("https://grid.example.com/%2e%2e", "plain form"),
+        ("https://grid.example.com/./", "plain form"),
+        ("HTTPS://grid.example.com", "plain form"),
+        ("https://grid.example.com:0443", "plain form"),
     ],
 )
 async def test_set_rejects_bad_base_url(client, rsa_key, base_url, expected):

@@ -106,6 +106,14 @@ def check_base_url(value: str, upstream: UpstreamConfig, production: bool) -> st
                 "https"
             )
     normalized = normalize_base_url(value)
+    if normalized != value.rstrip("/"):
+        # Dot segments, %2e, an upper-case scheme or a port with leading zeros
+        # would otherwise be folded into an allowed URL before the comparison.
+        raise ValueError(
+            f"must be written in its plain form, {normalized!r}: without dot "
+            "segments, percent-encoded dots, an upper-case scheme or leading "
+            "zeros in the port"
+        )
     if not upstream.allows(normalized):
         allowed = ", ".join([upstream.base_url, *upstream.allowed_base_urls])
         raise ValueError(
