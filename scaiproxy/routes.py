@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 
-#: What a path parameter may contain; ``.`` and ``..`` are rejected separately.
+#: The characters a path parameter may contain. ``.`` and ``..`` are rejected separately.
 PATH_PARAM_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _placeholder = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -40,7 +40,7 @@ class RawJSON:
 
 
 class NoContent:
-    """Returned by a handler to answer 204 with an empty body."""
+    """Returned by a handler to respond 204 with an empty body."""
 
 
 NO_CONTENT = NoContent()

@@ -52,7 +52,7 @@ _RETRYABLE = (
 
 @dataclass
 class UpstreamResponse:
-    """A complete upstream answer with a 2xx status; the body is fully read."""
+    """A complete upstream response with a 2xx status, its body fully read."""
 
     status: int
     headers: CIMultiDictProxy[str]
@@ -69,7 +69,7 @@ class UpstreamResponse:
                 # The depth cap keeps the decoded value safe to encode again.
                 self.memo["json"] = jsonutil.loads(self.body, max_depth=512)
             except jsonutil.JSONSyntaxError:
-                raise bad_gateway("ScaiGrid answered with a body that is not JSON.")
+                raise bad_gateway("ScaiGrid responded with a body that is not JSON.")
         return self.memo["json"]
 
 
@@ -197,7 +197,7 @@ class UpstreamClient:
                     max_response_bytes=self.config.max_response_bytes,
                 )
                 raise bad_gateway(
-                    "ScaiGrid's answer is larger than upstream.max_response_bytes "
+                    "ScaiGrid's response is larger than upstream.max_response_bytes "
                     f"({self.config.max_response_bytes} bytes)."
                 ) from None
             except _RETRYABLE as exc:
