@@ -16,7 +16,7 @@ from scaiproxy.config import LoggingConfig, settings_from_mapping
 from scaiproxy.errors import ConfigError
 from scaiproxy.logs import configure_logging
 from scaiproxy_lookups import is_active_bunker, normalise_model
-from scaiproxy_lookups.cache import LookupCache
+from scaiproxy.cache import ResponseCache
 
 SCOPES = "/v1/modules/scaiqueue/scopes"
 BUNKERS = "/v1/modules/scaibunker/bunkers"
@@ -831,7 +831,7 @@ async def test_cache_is_per_route_url(cached_gateway, upstream, token):
 
 def test_cache_expires():
     now = [100.0]
-    cache = LookupCache(30, 10, clock=lambda: now[0])
+    cache = ResponseCache(30, 10, clock=lambda: now[0])
     key = cache.key("lookups.scopes", "http://up/v1/x", "Bearer t")
     cache.put(key, b"[]")
 
@@ -842,7 +842,7 @@ def test_cache_expires():
 
 
 def test_cache_drops_oldest():
-    cache = LookupCache(30, 2)
+    cache = ResponseCache(30, 2)
     keys = [cache.key("route", f"http://up/{n}", "Bearer t") for n in range(3)]
     for key in keys:
         cache.put(key, b"[]")
@@ -853,7 +853,7 @@ def test_cache_drops_oldest():
 
 
 def test_cache_key_hides_credential():
-    key = LookupCache.key("route", "http://up/x", "Bearer sgk_secret_value_1234")
+    key = ResponseCache.key("route", "http://up/x", "Bearer sgk_secret_value_1234")
 
     assert b"sgk_secret" not in key[2]
     assert "sgk_secret" not in repr(key)

@@ -1207,3 +1207,61 @@ def test_config_default_invoke_timeout():
     timeouts = {spec.name: spec.timeout_s for spec in app[ROUTE_SPECS]}
     assert timeouts["scaicore.invoke"] == 120
     assert timeouts["scaicore.resolve"] is None
+
+
+# --- page caches -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def cached_gateway(make_gateway, upstream, jwks_server):
+    """Events pages are reused for 30 s; checkpoints keep the default of none."""
+    config = base_config(
+        upstream.base_url,
+        jwks_server.url,
+        plugins={"enabled": ["scaicore"], "scaicore": {"events_cache_ttl_s": 30}},
+    )
+    return await make_gateway(config)
+
+
+CACHED_PAGE = {"data": {"events": [{"type": "x", "n": 2**70}], "next_cursor": None}}
+
+
+async def test_events_cache_reuses_page(cached_gateway, upstream, viewer):
+    upstream.route("GET", EVENTS_UP, json_body=CACHED_PAGE)
+    first = await call_route(cached_gateway, "events", viewer)
+    second = await call_route(cached_gateway, "events", viewer)
+    assert await first.read() == await second.read()
+    assert second.status == 200
+    assert len(upstream.requests) == 1
+
+
+async def test_events_cache_keyed_by_credential(cached_gateway, upstream, rsa_key):
+    upstream.route("GET", EVENTS_UP, json_body=CACHED_PAGE)
+    acme = mint(rsa_key, tenant_id="acme", permissions=VIEW)
+    globex = mint(rsa_key, tenant_id="globex", permissions=VIEW)
+    await call_route(cached_gateway, "events", acme)
+    await call_route(cached_gateway, "events", globex)
+    sent = [request.headers["Authorization"] for request in upstream.requests]
+    assert sent == [f"Bearer {acme}", f"Bearer {globex}"]
+
+
+async def test_events_cache_keyed_by_query(cached_gateway, upstream, viewer):
+    upstream.route("GET", EVENTS_UP, json_body=CACHED_PAGE)
+    await call_route(cached_gateway, "events", viewer, params={"limit": "5"})
+    await call_route(cached_gateway, "events", viewer, params={"limit": "6"})
+    assert len(upstream.requests) == 2
+
+
+async def test_events_cache_skips_errors(cached_gateway, upstream, viewer):
+    upstream.route("GET", EVENTS_UP, json_body={"status": "error"}, status=500)
+    await call_route(cached_gateway, "events", viewer)
+    await call_route(cached_gateway, "events", viewer)
+    assert len(upstream.requests) == 2
+
+
+async def test_checkpoints_not_cached_by_default(cached_gateway, upstream, viewer):
+    page = {"data": {"checkpoints": [], "next_cursor": None}}
+    upstream.route("GET", "/v1/modules/scaicore/checkpoints", json_body=page)
+    await call_route(cached_gateway, "checkpoints", viewer)
+    await call_route(cached_gateway, "checkpoints", viewer)
+    assert len(upstream.requests) == 2

@@ -21,7 +21,7 @@ from scaiproxy import Call, RawJSON, RouteSpec, hookimpl, jsonutil
 from scaiproxy.config import parse_block
 from scaiproxy.pages import data_list, shape_error
 from scaiproxy.upstream import upstream_url
-from scaiproxy_lookups.cache import LookupCache
+from scaiproxy.cache import ResponseCache
 
 log = structlog.get_logger("scaiproxy.lookups")
 
@@ -33,7 +33,7 @@ ACTIVE_STATUSES = frozenset({"running", "ready"})
 TERMINAL_STATUSES = frozenset({"destroyed", "failed", "terminated"})
 DEFAULT_MODALITY = "chat"
 
-CACHE = web.AppKey("lookups_cache", LookupCache)
+CACHE = web.AppKey("lookups_cache", ResponseCache)
 
 _PATH_CHARACTERS = re.compile(r"[A-Za-z0-9/_.~:-]+")
 
@@ -379,7 +379,7 @@ def scaiproxy_routes(config: LookupsConfig, settings: Any) -> list[RouteSpec]:
 
 @hookimpl
 async def scaiproxy_startup(app: web.Application, config: LookupsConfig) -> None:
-    app[CACHE] = LookupCache(config.cache_ttl_s, config.cache_max_entries)
+    app[CACHE] = ResponseCache(config.cache_ttl_s, config.cache_max_entries)
 
 
 @hookimpl

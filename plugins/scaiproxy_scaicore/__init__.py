@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from aiohttp import web
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,10 +21,15 @@ from pydantic import (
 )
 
 from scaiproxy import Call, RawJSON, RouteSpec, hookimpl, jsonutil
+from scaiproxy.app import METRICS
+from scaiproxy.cache import ResponseCache
 from scaiproxy.config import parse_block
+from scaiproxy.upstream import upstream_url
 from scaiproxy.pages import data_object, list_page, shape_error
 from scaiproxy.routes import check_path_param
 
+EVENTS_CACHE = web.AppKey("scaicore_events_cache", ResponseCache)
+CHECKPOINTS_CACHE = web.AppKey("scaicore_checkpoints_cache", ResponseCache)
 VIEW = "scaicore:view"
 MANAGE = "scaicore:manage"
 UPSTREAM = "/v1/modules/scaicore"
@@ -45,6 +51,20 @@ class ScaiCoreConfig(BaseModel):
     invoke_timeout_s: float = Field(
         120.0, gt=0, description="Total upstream timeout of invoke, in seconds"
     )
+    events_cache_ttl_s: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds an events page is reused for the same credential "
+        "and query, or 0 (the default) for none",
+    )
+    checkpoints_cache_ttl_s: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds a checkpoints page is reused, or 0 for none",
+    )
+    cache_max_entries: int = Field(1000, ge=1, le=1_000_000, strict=True)
     resolve_timeout_s: float | None = Field(
         None,
         gt=0,
@@ -219,16 +239,34 @@ async def _forwarded_body(call: Call) -> bytes:
     return b"{" + b",".join(parts) + b"}"
 
 
+async def _page(call: Call, cache_key: web.AppKey, path: str, key: str) -> RawJSON:
+    """Fetch one list page, through the route's cache when it is enabled."""
+    params = _query_params(call.query)
+    cache = call.request.app.get(cache_key)
+    if cache is None or not cache.enabled:
+        return list_page(call, await call.upstream.get(path, params), key)
+
+    # SECURITY: the credential is part of the key, so no caller is served a
+    # page fetched with another tenant's or user's credential.
+    credential = await call.upstream.credential_for_call()
+    url = str(upstream_url(credential.base_url, path, params))
+    entry = cache.key(call.route.name, url, credential.authorization)
+    encoded = cache.get(entry)
+    if encoded is not None:
+        metrics = call.request.app[METRICS]
+        metrics.child(metrics.cache_hits, call.route.name).inc()
+        return RawJSON(encoded)
+    page = list_page(call, await call.upstream.get(path, params), key)
+    cache.put(entry, page.encoded)
+    return page
+
+
 async def list_events(call: Call) -> RawJSON:
-    response = await call.upstream.get(f"{UPSTREAM}/events", _query_params(call.query))
-    return list_page(call, response, "events")
+    return await _page(call, EVENTS_CACHE, f"{UPSTREAM}/events", "events")
 
 
 async def list_checkpoints(call: Call) -> RawJSON:
-    response = await call.upstream.get(
-        f"{UPSTREAM}/checkpoints", _query_params(call.query)
-    )
-    return list_page(call, response, "checkpoints")
+    return await _page(call, CHECKPOINTS_CACHE, f"{UPSTREAM}/checkpoints", "checkpoints")
 
 
 async def resolve_checkpoint(call: Call) -> RawJSON:
@@ -271,6 +309,14 @@ def _check_invoke_response(call: Call, result: RawJSON) -> None:
 @hookimpl
 def scaiproxy_configure(block: dict[str, Any], settings: Any) -> ScaiCoreConfig:
     return parse_block(ScaiCoreConfig, block)
+
+
+@hookimpl
+async def scaiproxy_startup(app: web.Application, config: ScaiCoreConfig) -> None:
+    app[EVENTS_CACHE] = ResponseCache(config.events_cache_ttl_s, config.cache_max_entries)
+    app[CHECKPOINTS_CACHE] = ResponseCache(
+        config.checkpoints_cache_ttl_s, config.cache_max_entries
+    )
 
 
 @hookimpl

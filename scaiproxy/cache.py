@@ -1,4 +1,9 @@
-"""A small in-process cache of finished lookup lists."""
+"""A small in-process cache of encoded responses, per route, URL and credential.
+
+Plugins use it for lists that many callers of one tenant request again within
+seconds: the lookups plugin for its catalogues, the ScaiCore plugin for event
+and checkpoint pages when an operator enables it.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ from collections.abc import Callable
 CacheKey = tuple[str, str, bytes]
 
 
-class LookupCache:
-    """Encoded lists by route, upstream URL and credential hash, kept ``ttl_s``.
+class ResponseCache:
+    """Encoded bodies by route, upstream URL and credential hash, kept ``ttl_s``.
 
-    At most ``max_entries`` lists are kept; storing one more drops the entry
+    At most ``max_entries`` bodies are kept; storing one more drops the entry
     stored longest ago. ``ttl_s == 0`` disables the cache.
     """
 
