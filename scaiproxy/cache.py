@@ -10,7 +10,11 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scaiproxy.routes import Call, RawJSON
 
 CacheKey = tuple[str, str, bytes]
 
@@ -66,3 +70,36 @@ class ResponseCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+async def through_cache(
+    call: Call,
+    cache: ResponseCache | None,
+    path: str,
+    params: Mapping[str, Any] | None,
+    build: Callable[[], Awaitable[RawJSON]],
+) -> RawJSON:
+    """Return what ``build()`` makes, or the body cached for the same request.
+
+    The key is the route, the upstream URL of ``path`` with ``params``, and a
+    hash of the call's credential, so no caller is ever served a body that was
+    fetched with another tenant's or user's credential. ``cache`` set to
+    ``None`` or disabled calls ``build()`` every time.
+    """
+    from scaiproxy.app import METRICS
+    from scaiproxy.routes import RawJSON
+    from scaiproxy.upstream import upstream_url
+
+    if cache is None or not cache.enabled:
+        return await build()
+    credential = await call.upstream.credential_for_call()
+    url = str(upstream_url(credential.base_url, path, params))
+    key = cache.key(call.route.name, url, credential.authorization)
+    encoded = cache.get(key)
+    if encoded is not None:
+        metrics = call.request.app[METRICS]
+        metrics.child(metrics.cache_hits, call.route.name).inc()
+        return RawJSON(encoded)
+    result = await build()
+    cache.put(key, result.encoded)
+    return result

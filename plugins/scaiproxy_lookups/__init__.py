@@ -20,8 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scaiproxy import Call, RawJSON, RouteSpec, hookimpl, jsonutil
 from scaiproxy.config import parse_block
 from scaiproxy.pages import data_list, shape_error
-from scaiproxy.upstream import upstream_url
-from scaiproxy.cache import ResponseCache
+from scaiproxy.cache import ResponseCache, through_cache
 
 log = structlog.get_logger("scaiproxy.lookups")
 
@@ -136,27 +135,15 @@ async def _all_items(call: Call, path: str, what: str) -> list[dict[str, Any]]:
 async def _cached(call: Call, path: str, build: Any) -> RawJSON:
     """Return the list that ``build(call, path)`` makes, from the cache if fresh.
 
-    The key is the route, the first page's upstream URL and a hash of the
-    credential's Authorization value, so no caller is ever served a list that
-    was fetched with another credential.
+    The key uses the first page's upstream URL (see ``through_cache``).
     """
-    cache = call.request.app.get(CACHE)
-    if cache is None or not cache.enabled:
+
+    async def encoded_list() -> RawJSON:
         return RawJSON(jsonutil.dumps(await build(call, path)))
 
-    credential = await call.upstream.credential_for_call()
-    url = upstream_url(credential.base_url, path)
-    key = cache.key(call.route.name, str(url), credential.authorization)
-    encoded = cache.get(key)
-    if encoded is not None:
-        from scaiproxy.app import METRICS
-
-        call.request.app[METRICS].cache_hits.labels(call.route.name).inc()
-        return RawJSON(encoded)
-
-    encoded = jsonutil.dumps(await build(call, path))
-    cache.put(key, encoded)
-    return RawJSON(encoded)
+    return await through_cache(
+        call, call.request.app.get(CACHE), path, None, encoded_list
+    )
 
 
 # Scopes, queues and bunkers

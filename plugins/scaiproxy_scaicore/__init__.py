@@ -21,10 +21,8 @@ from pydantic import (
 )
 
 from scaiproxy import Call, RawJSON, RouteSpec, hookimpl, jsonutil
-from scaiproxy.app import METRICS
-from scaiproxy.cache import ResponseCache
+from scaiproxy.cache import ResponseCache, through_cache
 from scaiproxy.config import parse_block
-from scaiproxy.upstream import upstream_url
 from scaiproxy.pages import data_object, list_page, shape_error
 from scaiproxy.routes import check_path_param
 
@@ -242,23 +240,13 @@ async def _forwarded_body(call: Call) -> bytes:
 async def _page(call: Call, cache_key: web.AppKey, path: str, key: str) -> RawJSON:
     """Fetch one list page, through the route's cache when it is enabled."""
     params = _query_params(call.query)
-    cache = call.request.app.get(cache_key)
-    if cache is None or not cache.enabled:
+
+    async def fetch() -> RawJSON:
         return list_page(call, await call.upstream.get(path, params), key)
 
-    # SECURITY: the credential is part of the key, so no caller is served a
-    # page fetched with another tenant's or user's credential.
-    credential = await call.upstream.credential_for_call()
-    url = str(upstream_url(credential.base_url, path, params))
-    entry = cache.key(call.route.name, url, credential.authorization)
-    encoded = cache.get(entry)
-    if encoded is not None:
-        metrics = call.request.app[METRICS]
-        metrics.child(metrics.cache_hits, call.route.name).inc()
-        return RawJSON(encoded)
-    page = list_page(call, await call.upstream.get(path, params), key)
-    cache.put(entry, page.encoded)
-    return page
+    return await through_cache(
+        call, call.request.app.get(cache_key), path, params, fetch
+    )
 
 
 async def list_events(call: Call) -> RawJSON:
