@@ -235,7 +235,7 @@ class JWKSCache:
     Keys are refetched when the cache is older than ``jwks_cache_ttl_s`` and when
     a token names an unknown ``kid``. While keys are held, a fetch is attempted
     at most once per ``jwks_refresh_interval_s``, so a flood of forged tokens
-    cannot hammer ScaiKey. While none is held, every token is answered 503, so
+    cannot hammer ScaiKey. While none is held, every token gets a 503, so
     a fetch may be attempted every ``OUTAGE_FETCH_INTERVAL_S`` (or the refresh
     interval, when shorter), and service returns within that time of ScaiKey's
     recovery. A failed fetch keeps the keys already held.

@@ -28,7 +28,7 @@ def scaiproxy_secret_backends() -> dict[str, Any]:
 
 
 async def me(call: Call) -> dict[str, Any]:
-    """Describe the caller as the gateway sees it, so refusals can be explained."""
+    """Describe the caller as the gateway authenticated it, so a 403 can be explained."""
     from scaiproxy.app import RESOLVER
 
     described = call.principal.public()

@@ -169,7 +169,7 @@ terminal, in this folder:
        -d '{{"input": {{"message": "My invoice is wrong"}}}}' \\
        '{base}/v1/scaicore/cores/core_support_triage/invoke'
 
-  # who am I, as the gateway sees it
+  # the caller as the gateway authenticated it
   curl -s -H "Authorization: Bearer $TOKEN" '{base}/v1/me'
 
 Operations: {gateway}/healthz  {gateway}/metrics  {gateway}/openapi.json

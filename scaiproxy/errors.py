@@ -32,7 +32,7 @@ INTERNAL_ERROR = "internal_error"
 
 
 class ProxyError(Exception):
-    """An error answered to the client with a status and a structured detail."""
+    """An error returned to the client with a status and a structured detail."""
 
     def __init__(
         self,

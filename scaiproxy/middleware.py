@@ -257,7 +257,7 @@ def permission_middleware() -> Any:
 
 
 def middlewares(metrics: Metrics) -> list[Any]:
-    """The middleware chain, outermost first."""
+    """Return the middleware chain, outermost first."""
     return [
         tracing_middleware(metrics),
         error_middleware(),

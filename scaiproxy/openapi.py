@@ -27,7 +27,7 @@ _ERROR_SCHEMA = {
     },
 }
 
-# The errors any plugin route can answer, besides those of its own.
+# The errors any plugin route can return, besides those of its own.
 _COMMON_ERRORS = {
     "400": "ScaiGrid rejected a value of the request (upstream_error)",
     "401": "Missing or invalid ScaiKey token",
@@ -47,7 +47,7 @@ _COMMON_ERRORS = {
 
 
 def build_openapi(settings: Settings, specs: list[RouteSpec]) -> dict[str, Any]:
-    """Describe every plugin route, with the envelopes the gateway answers."""
+    """Describe every plugin route, with the envelopes the gateway returns."""
     paths: dict[str, Any] = {}
     schemas: dict[str, Any] = {"Error": _ERROR_SCHEMA}
     for spec in specs:

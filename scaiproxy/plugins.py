@@ -30,7 +30,7 @@ def available_plugins() -> dict[str, Any]:
 class PluginHost:
     """The plugin manager of one app, and the per-plugin calls the core makes.
 
-    pluggy calls an ordinary hook on every plugin with the same arguments; the
+    pluggy calls an ordinary hook on every plugin with the same arguments. The
     hooks that take a plugin's own ``config`` are instead called plugin by plugin,
     in ``plugins.enabled`` order, through ``subset_hook_caller``.
     """

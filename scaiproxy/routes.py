@@ -56,7 +56,7 @@ class RouteSpec:
     authenticated caller); ``roles``, when set, lists roles of which the caller
     needs one. ``timeout_s`` overrides ``upstream.timeout_s`` for the route's
     upstream calls. ``query`` and ``body`` are pydantic models that validate the
-    query string and the JSON body; they also describe the route in the OpenAPI
+    query string and the JSON body. They also describe the route in the OpenAPI
     document, with ``response`` as the JSON schema of the ``data`` member.
     """
 

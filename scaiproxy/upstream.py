@@ -291,6 +291,7 @@ class UpstreamClient:
             upstream_request_id=upstream_request_id,
             credential_source=credential.source,
         )
+
         if status == 429:
             self._count_error(route, "rate_limited")
             passed = {
@@ -312,6 +313,7 @@ class UpstreamClient:
                 upstream_request_id=upstream_request_id,
                 headers=passed,
             )
+
         if status in (401, 403) and not credential.is_user_token:
             self._count_error(route, "auth_failed")
             return ProxyError(
@@ -329,6 +331,7 @@ class UpstreamClient:
                 upstream_status=status,
                 upstream_request_id=upstream_request_id,
             )
+
         if status in PASSED_STATUSES:
             self._count_error(route, "client_error")
             return ProxyError(
@@ -338,17 +341,16 @@ class UpstreamClient:
                 upstream_code=code,
                 upstream_request_id=upstream_request_id,
             )
+
         self._count_error(route, "server_error")
-        extra_headers = {}
-        retry = headers.get("Retry-After")
-        if status == 503 and retry and _header_safe(retry):
-            extra_headers["Retry-After"] = retry
         error = bad_gateway(
             f"ScaiGrid answered HTTP {status}.",
             upstream_status=status,
             upstream_request_id=upstream_request_id,
         )
-        error.headers.update(extra_headers)
+        retry = headers.get("Retry-After")
+        if status == 503 and retry and _header_safe(retry):
+            error.headers["Retry-After"] = retry
         return error
 
 

@@ -155,7 +155,7 @@ class Upstream:
         return str(self.server.make_url("")).rstrip("/")
 
     def route(self, method: str, path: str, handler: Any = None, *, json_body: Any = None, status: int = 200, headers: dict[str, str] | None = None) -> None:
-        """Answer ``method path`` with a handler or a fixed JSON body."""
+        """Serve ``method path`` with a handler or a fixed JSON body."""
         if handler is None:
             payload = json.dumps(json_body).encode()
 

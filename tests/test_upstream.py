@@ -743,7 +743,7 @@ def counting_route(upstream, path: str, delay_s: float = 0.2) -> None:
 
 
 def held_route(upstream, path: str) -> asyncio.Event:
-    """Hold every answer until the returned event is set."""
+    """Hold every response until the returned event is set."""
     release = asyncio.Event()
 
     async def handler(request: web.Request) -> web.Response:
