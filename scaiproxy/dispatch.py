@@ -23,9 +23,9 @@ from scaiproxy.errors import (
     validation_error,
 )
 from scaiproxy.middleware import (
-    CALL,
     PRINCIPAL,
     REQUEST_ID,
+    UPSTREAM_CALLS,
     json_response,
     payload_too_large,
 )
@@ -95,7 +95,7 @@ def make_handler(spec: RouteSpec) -> Any:
             upstream=upstream,
             log=route_log,
         )
-        request[CALL] = call
+        request[UPSTREAM_CALLS] = upstream
         result = await spec.handler(call)
         return envelope(result, spec.status)
 

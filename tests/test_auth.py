@@ -20,9 +20,6 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-
-import scaiproxy.auth
 from conftest import (
     AUDIENCE,
     ISSUER,
@@ -32,6 +29,10 @@ from conftest import (
     make_rsa_key,
     mint,
 )
+from cryptography.hazmat.primitives import serialization
+from multidict import CIMultiDict
+
+import scaiproxy.auth
 from scaiproxy.auth import JWKSCache, Principal, TokenVerifier, permissions_from_claims
 from scaiproxy.config import DEFAULT_ROLE_PERMISSIONS, settings_from_mapping
 from scaiproxy.errors import ConfigError, ProxyError
@@ -611,6 +612,25 @@ async def test_cache_returns_same_principal(jwks_server, rsa_key):
         first = await verifier.verify(token)
         second = await verifier.verify(token)
     assert second is first
+
+
+async def test_header_cache_hit_keeps_every_header_check(jwks_server, rsa_key):
+    token = mint(rsa_key)
+    async with aiohttp.ClientSession() as session:
+        verifier = await verifier_for(session, jwks_server.url)
+        first = await verifier.verify_header(CIMultiDict(Authorization=f"Bearer {token}"))
+        fetches = jwks_server.fetches
+        # Served from the cache, without another JWKS fetch, in any accepted form.
+        for value in (f"Bearer {token}", f"bearer {token}", f"Bearer   {token}"):
+            principal = await verifier.verify_header(CIMultiDict(Authorization=value))
+            assert principal is first
+        assert jwks_server.fetches == fetches
+        # A cached token does not make a malformed header acceptable.
+        twice = CIMultiDict([("Authorization", f"Bearer {token}")] * 2)
+        for headers in (twice, CIMultiDict(Authorization=f"Basic {token}")):
+            with pytest.raises(ProxyError) as caught:
+                await verifier.verify_header(headers)
+            assert caught.value.status == 401
 
 
 async def test_cache_hit_checks_exp(gateway, rsa_key, clock):
