@@ -60,12 +60,14 @@ def make_handler(spec: RouteSpec) -> Any:
     from scaiproxy.app import METRICS, PLUGIN_CONFIGS, RESOLVER, SETTINGS, UPSTREAM
 
     route_log = log.bind(route=spec.name, plugin=spec.plugin)
+    path_params = spec.path_params
+    queries = _QueryMemo(spec)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
         settings = app[SETTINGS]
-        params = _path_params(spec, request)
-        query = _query(spec, request)
+        params = _path_params(path_params, request)
+        query = queries.validate(request)
         body = await _body(spec, request, settings.server)
         principal = request[PRINCIPAL] if spec.authenticated else None
         resolver = app[RESOLVER]
@@ -109,14 +111,15 @@ def envelope(result: Any, status: int = 200) -> web.StreamResponse:
         return result
     if isinstance(result, NoContent):
         return web.Response(status=204)
-    encoded = result.encoded if isinstance(result, RawJSON) else jsonutil.dumps(result)
-    return json_response(status, b'{"data":' + encoded + b"}")
+    if isinstance(result, RawJSON):
+        return json_response(status, result.enveloped())
+    return json_response(status, b'{"data":' + jsonutil.dumps(result) + b"}")
 
 
-def _path_params(spec: RouteSpec, request: web.Request) -> dict[str, str]:
+def _path_params(names: tuple[str, ...], request: web.Request) -> dict[str, str]:
     params: dict[str, str] = {}
     errors = []
-    for name in spec.path_params:
+    for name in names:
         value = request.match_info.get(name, "")
         message = check_path_param(name, value)
         if message:
@@ -137,6 +140,37 @@ def _traceparent(request: web.Request) -> str | None:
     if set(match["trace_id"]) == {"0"} or set(match["parent_id"]) == {"0"}:
         return None
     return values[0]
+
+
+class _QueryMemo:
+    """Validated queries of one route, by raw query string.
+
+    A Live Runs panel sends the same query string on every poll. When the
+    route's query model is frozen, a query string that validated once maps to
+    its model, and the next request with it skips validation. Only successful
+    validations are kept, at most ``MAX_ENTRIES``, the oldest dropped first.
+    """
+
+    MAX_ENTRIES = 256
+
+    def __init__(self, spec: RouteSpec) -> None:
+        self._spec = spec
+        model = spec.query
+        self._enabled = model is None or bool(model.model_config.get("frozen"))
+        self._entries: dict[str, BaseModel | None] = {}
+
+    def validate(self, request: web.Request) -> BaseModel | None:
+        if not self._enabled:
+            return _query(self._spec, request)
+        # The raw form: two query strings that decode alike may still parse apart.
+        raw = request.rel_url.raw_query_string
+        if raw in self._entries:
+            return self._entries[raw]
+        query = _query(self._spec, request)
+        if len(self._entries) >= self.MAX_ENTRIES:
+            del self._entries[next(iter(self._entries))]
+        self._entries[raw] = query
+        return query
 
 
 def _query(spec: RouteSpec, request: web.Request) -> BaseModel | None:

@@ -30,10 +30,21 @@ class RawJSON:
     ``data`` member of the envelope without decoding and encoding them again.
     """
 
-    __slots__ = ("encoded",)
+    __slots__ = ("_enveloped", "encoded")
 
     def __init__(self, encoded: bytes) -> None:
         self.encoded = encoded
+        self._enveloped: bytes | None = None
+
+    def enveloped(self) -> bytes:
+        """Return ``{"data": <encoded>}``, built once per value.
+
+        Callers that share one value, such as coalesced requests, share one
+        response body instead of each copying the page.
+        """
+        if self._enveloped is None:
+            self._enveloped = b'{"data":' + self.encoded + b"}"
+        return self._enveloped
 
     def __repr__(self) -> str:
         return f"RawJSON({len(self.encoded)} bytes)"

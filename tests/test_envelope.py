@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scaiproxy import RouteSpec, hookimpl
 from scaiproxy.config import LoggingConfig
 from scaiproxy.logs import configure_logging
-from scaiproxy.routes import Call
+from scaiproxy.routes import Call, RawJSON
 
 LIMIT = 1024
 EVENTS = "/api/v1/scaicore/events"
@@ -780,3 +780,10 @@ async def test_openapi_lists_408_for_body_routes(client):
     operations = document["paths"]["/api/v1/probe/items"]
     assert "408" in operations["post"]["responses"]
     assert "408" not in operations["get"]["responses"]
+
+
+def test_raw_json_envelope_built_once():
+    value = RawJSON(b'[{"n":123456789012345678901234567890}]')
+    body = value.enveloped()
+    assert body == b'{"data":[{"n":123456789012345678901234567890}]}'
+    assert value.enveloped() is body
