@@ -86,12 +86,13 @@ async def through_cache(
     fetched with another tenant's or user's credential. ``cache`` set to
     ``None`` or disabled calls ``build()`` every time.
     """
+    if cache is None or not cache.enabled:
+        return await build()
+
     from scaiproxy.app import METRICS
     from scaiproxy.routes import RawJSON
     from scaiproxy.upstream import upstream_url
 
-    if cache is None or not cache.enabled:
-        return await build()
     credential = await call.upstream.credential_for_call()
     url = str(upstream_url(credential.base_url, path, params))
     key = cache.key(call.route.name, url, credential.authorization)

@@ -13,7 +13,10 @@ The mode comes from ``auth.upstream_credentials``, which the environment variabl
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,6 +45,9 @@ ORDERS: dict[str, tuple[str, ...]] = {
     "api_key": (TENANT_KEY, ENV_KEY),
 }
 
+#: Credentials kept for reuse, one per token or key and base URL.
+MAX_CREDENTIALS = 1024
+
 # SECURITY: a key is sent as a header value, so CR, LF and spaces must not pass.
 _KEY_CHARACTERS = re.compile(r"[\x21-\x7e]{1,4096}")
 
@@ -65,6 +71,11 @@ class Credential:
     @property
     def is_user_token(self) -> bool:
         return self.source == USER_JWT
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """The SHA-256 of the Authorization value, to key shared work by credential."""
+        return hashlib.sha256(self.authorization.encode()).digest()
 
 
 class CredentialResolver:
@@ -92,6 +103,7 @@ class CredentialResolver:
                 f"api_key (the value may come from {DEPLOY_AUTH_ENV_VAR})",
             )
         self._env_key = self._development_key(settings, environ)
+        self._credentials: OrderedDict[tuple[str, str, str], Credential] = OrderedDict()
 
     def _development_key(
         self, settings: Settings, environ: Mapping[str, str]
@@ -129,14 +141,12 @@ class CredentialResolver:
 
         for source in self.order:
             if source == USER_JWT and principal.token:
-                token = principal.token
-                return Credential(USER_JWT, f"Bearer {token}", base_url, "jwt")
+                return self._credential(USER_JWT, principal.token, base_url)
             if source == TENANT_KEY and secrets.api_key:
                 key = self._checked_tenant_key(tenant, secrets.api_key)
-                return Credential(TENANT_KEY, f"Bearer {key}", base_url, mask(key))
+                return self._credential(TENANT_KEY, key, base_url)
             if source == ENV_KEY and self._env_key:
-                key = self._env_key
-                return Credential(ENV_KEY, f"Bearer {key}", base_url, mask(key))
+                return self._credential(ENV_KEY, self._env_key, base_url)
 
         raise ProxyError(
             412,
@@ -146,6 +156,24 @@ class CredentialResolver:
             fix=self._missing_fix(),
             tenant_id=tenant,
         )
+
+    def _credential(self, source: str, secret: str, base_url: str) -> Credential:
+        """Return the credential for ``secret``, reusing the one made last time.
+
+        Reuse keeps each credential's digest computed once rather than on
+        every request. The last ``MAX_CREDENTIALS`` are kept.
+        """
+        key = (source, secret, base_url)
+        credential = self._credentials.get(key)
+        if credential is not None:
+            self._credentials.move_to_end(key)
+            return credential
+        masked = "jwt" if source == USER_JWT else mask(secret)
+        credential = Credential(source, f"Bearer {secret}", base_url, masked)
+        self._credentials[key] = credential
+        while len(self._credentials) > MAX_CREDENTIALS:
+            self._credentials.popitem(last=False)
+        return credential
 
     def _missing_fix(self) -> str:
         store_key = (

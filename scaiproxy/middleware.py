@@ -85,6 +85,14 @@ def gateway_middleware(metrics: Metrics) -> Any:
     The steps share one coroutine because each middleware layer costs a frame
     and a lookup of the route on every request.
     """
+    from scaiproxy.app import DEV_PRINCIPAL, VERIFIER
+
+    async def authenticate(request: web.Request, spec: RouteSpec) -> None:
+        app = request.app
+        principal = app.get(DEV_PRINCIPAL)
+        if principal is None:
+            principal = await app[VERIFIER].verify_header(request.headers)
+        _authorize(request, spec, principal)
 
     @web.middleware
     async def gateway(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -98,7 +106,7 @@ def gateway_middleware(metrics: Metrics) -> Any:
         started = time.perf_counter()
         status = 500
         try:
-            response = await _errors_enveloped(request, spec, handler)
+            response = await _errors_enveloped(request, spec, handler, authenticate)
             status = response.status
             if not response.prepared:
                 response.headers[REQUEST_ID_HEADER] = request_id
@@ -170,13 +178,13 @@ def _access_event(
 
 
 async def _errors_enveloped(
-    request: web.Request, spec: RouteSpec | None, handler: Any
+    request: web.Request, spec: RouteSpec | None, handler: Any, authenticate: Any
 ) -> web.StreamResponse:
     """Run authentication, the permission check and the handler, and turn
     every exception into the error envelope, so that nothing else reaches clients."""
     try:
         if spec is not None and spec.authenticated:
-            await _authenticate(request, spec)
+            await authenticate(request, spec)
         return await handler(request)
     except ProxyError as exc:
         error = exc
@@ -247,14 +255,8 @@ def payload_too_large(limit: int) -> ProxyError:
     )
 
 
-async def _authenticate(request: web.Request, spec: RouteSpec) -> None:
-    """Verify the caller and check the route's permission and roles."""
-    from scaiproxy.app import DEV_PRINCIPAL, VERIFIER
-
-    app = request.app
-    principal = app.get(DEV_PRINCIPAL)
-    if principal is None:
-        principal = await app[VERIFIER].verify_header(request.headers)
+def _authorize(request: web.Request, spec: RouteSpec, principal: Any) -> None:
+    """Bind the verified caller and check the route's permission and roles."""
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(
         tenant_id=principal.tenant_id, sub=principal.sub

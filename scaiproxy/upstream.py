@@ -11,7 +11,7 @@ ScaiGrid's own 4xx as ``upstream_error``, rejected keys as
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,7 +137,7 @@ class UpstreamClient:
             )
 
         # The credential is part of the key, so callers never share across tenants.
-        key = (str(url), hashlib.sha256(credential.authorization.encode()).digest())
+        key = (str(url), credential.digest)
         shared = self._in_flight.get(key)
         if shared is not None:
             if self.metrics:
@@ -392,11 +392,20 @@ def upstream_url(
     base_url: str, path: str, params: Mapping[str, Any] | None = None
 ) -> URL:
     """Build the URL of an upstream call; ``None`` values are left out of the query."""
-    url = URL(base_url + path, encoded=False)
+    query = ()
     if params:
-        query = {k: _query_value(v) for k, v in params.items() if v is not None}
-        url = url.with_query(query)
-    return url
+        query = tuple(
+            (key, _query_value(value)) for key, value in params.items() if value is not None
+        )
+    return _url(base_url, path, query)
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(base_url: str, path: str, query: tuple[tuple[str, str], ...]) -> URL:
+    # Polls build the same few URLs over and over, and yarl's encoding of each
+    # costs more than the rest of the upstream call's set-up.
+    url = URL(base_url + path, encoded=False)
+    return url.with_query(query) if query else url
 
 
 def _query_value(value: Any) -> str:

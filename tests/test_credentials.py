@@ -7,6 +7,7 @@ keys live in a real secrets file; the development key comes from the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import socket
@@ -16,11 +17,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-
 from conftest import base_config, bearer, mint
+
+import scaiproxy.credentials
 from scaiproxy.app import create_app
+from scaiproxy.auth import Principal
 from scaiproxy.config import settings_from_mapping
+from scaiproxy.credentials import CredentialResolver
 from scaiproxy.errors import ConfigError
+from scaiproxy.secrets import TenantSecretCache
 
 EVENTS = "/v1/modules/scaicore/events"
 EMPTY_PAGE = {"data": {"events": [], "next_cursor": None}}
@@ -541,3 +546,46 @@ async def test_scaivault_unreachable(make_gateway, events):
     assert "(scaivault)" in body["detail"]["message"]
     assert "vault-token-123" not in json.dumps(body)
     assert events.requests == []
+
+
+# Reuse of credential objects
+
+
+def _principal(tenant: str, token: str) -> Principal:
+    return Principal(
+        sub="user-1",
+        tenant_id=tenant,
+        partner_id=None,
+        roles=frozenset(),
+        permissions=frozenset(),
+        token=token,
+    )
+
+
+async def test_credential_reused_per_secret(tmp_path):
+    settings = settings_from_mapping(
+        gateway_config("http://127.0.0.1:9", "http://127.0.0.1:9/jwks", "auto"),
+        environ={},
+    )
+    resolver = CredentialResolver(settings, TenantSecretCache(None, 60), environ={})
+    first = await resolver.resolve(_principal("acme", "token-a"))
+    again = await resolver.resolve(_principal("acme", "token-a"))
+    other = await resolver.resolve(_principal("acme", "token-b"))
+    assert again is first
+    assert first.digest == hashlib.sha256(b"Bearer token-a").digest()
+    assert other.authorization == "Bearer token-b"
+    assert other.digest != first.digest
+
+
+async def test_credential_reuse_bounded(monkeypatch):
+    monkeypatch.setattr(scaiproxy.credentials, "MAX_CREDENTIALS", 3)
+    settings = settings_from_mapping(
+        gateway_config("http://127.0.0.1:9", "http://127.0.0.1:9/jwks", "auto"),
+        environ={},
+    )
+    resolver = CredentialResolver(settings, TenantSecretCache(None, 60), environ={})
+    oldest = await resolver.resolve(_principal("acme", "token-0"))
+    for number in range(1, 4):
+        await resolver.resolve(_principal("acme", f"token-{number}"))
+    assert len(resolver._credentials) == 3
+    assert await resolver.resolve(_principal("acme", "token-0")) is not oldest

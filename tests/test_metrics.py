@@ -1,0 +1,70 @@
+"""The gateway's counters and histograms against prometheus_client's own types."""
+
+from __future__ import annotations
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from scaiproxy import metrics
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 1, 120)
+# Values on a bound, between bounds, below the first and above the last.
+OBSERVED = (0.0, 0.001, 0.0011, 0.003, 0.005, 0.5, 1.0, 119.9, 120.0, 121.0, 7200.0)
+
+
+def _without_created(text: bytes) -> list[str]:
+    # prometheus_client adds a *_created sample per series, which the gateway does not.
+    return [line for line in text.decode().splitlines() if "_created" not in line]
+
+
+def test_exposition_matches_prometheus_client():
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    counter = metrics.Counter("demo_requests", "Requests.", ["route", "status"], ours)
+    histogram = metrics.Histogram(
+        "demo_seconds", "Durations.", ["route"], ours, buckets=BUCKETS
+    )
+    reference_counter = prometheus_client.Counter(
+        "demo_requests", "Requests.", ["route", "status"], registry=theirs
+    )
+    reference_histogram = prometheus_client.Histogram(
+        "demo_seconds", "Durations.", ["route"], buckets=BUCKETS, registry=theirs
+    )
+    for index, value in enumerate(OBSERVED):
+        route = "a" if index % 3 else "b"
+        counter.labels(route, "200").inc()
+        reference_counter.labels(route, "200").inc()
+        histogram.labels(route).observe(value)
+        reference_histogram.labels(route).observe(value)
+    counter.labels("a", "502").inc(2)
+    reference_counter.labels("a", "502").inc(2)
+
+    assert _without_created(generate_latest(ours)) == _without_created(
+        generate_latest(theirs)
+    )
+
+
+def test_sample_values_readable_from_registry():
+    gateway = metrics.Metrics()
+    gateway.child(gateway.requests, "scaicore.events", "GET", "200").inc()
+    gateway.child(gateway.requests, "scaicore.events", "GET", "200").inc()
+    gateway.child(gateway.duration, "scaicore.events").observe(0.002)
+    labels = {"route": "scaicore.events", "method": "GET", "status": "200"}
+    assert gateway.registry.get_sample_value("scaiproxy_requests_total", labels) == 2
+    count = gateway.registry.get_sample_value(
+        "scaiproxy_request_duration_seconds_count", {"route": "scaicore.events"}
+    )
+    assert count == 1
+
+
+def test_wrong_label_count_rejected():
+    counter = metrics.Counter("demo_total", "Demo.", ["route"], CollectorRegistry())
+    with pytest.raises(ValueError, match="needs 1 label values"):
+        counter.labels("a", "b")
+
+
+def test_duplicate_name_rejected():
+    registry = CollectorRegistry()
+    metrics.Counter("demo_requests", "Demo.", ["route"], registry)
+    with pytest.raises(ValueError):
+        metrics.Counter("demo_requests", "Demo.", ["route"], registry)
