@@ -8,10 +8,11 @@ so coalesced callers share one encoded body.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
-import orjson
+import msgspec
 import structlog
 
 from scaiproxy import jsonutil
@@ -100,16 +101,30 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     return result
 
 
+class _Object(msgspec.Struct):
+    """Any JSON object: its members are checked for syntax and not kept."""
+
+
+@functools.lru_cache(maxsize=32)
+def _page_decoder(key: str) -> msgspec.json.Decoder:
+    """Return a decoder that accepts ``{key: [objects], "next_cursor": ...}`` only."""
+    shape = msgspec.defstruct(
+        f"Page_{key}",
+        [(key, list[_Object]), ("next_cursor", str | None)],
+        forbid_unknown_fields=True,
+    )
+    return msgspec.json.Decoder(shape)
+
+
 def _exact_page(body: bytes, key: str) -> bytes | None:
     """Return ``data`` as it is when the page already has the gateway's shape.
 
     That shape is ``{"data": {key: [objects], "next_cursor": string or null}}``
-    and nothing else. orjson checks it about four times faster than the
-    member-by-member walk (0.85 ms against 3.8 ms for a 250 KB page, measured on
-    the benchmark machine). Its decoded values are only inspected and never
-    sent, so its rounding of integers beyond 64 bits does not matter. Any other page
-    (extra members, an envelope ``status``, a body orjson rejects) returns
-    ``None`` and takes the exact walk.
+    and nothing else. msgspec checks it against a typed shape without building
+    the events' members, about three times faster than orjson's full decode
+    (23 against 65 us for the 50-event page of the benchmark) and far faster
+    than the member-by-member walk. Any other page (extra members, an envelope
+    ``status``, a body msgspec rejects) returns ``None`` and takes the exact walk.
     """
     if body.startswith(_BOM):
         body = body[len(_BOM) :]
@@ -121,15 +136,11 @@ def _exact_page(body: bytes, key: str) -> bytes | None:
     # also rules out a second top-level member.
     span = body[prefix.end() : end - 1]
     try:
-        data = orjson.loads(span)
-    except orjson.JSONDecodeError:
-        return None
-    if type(data) is not dict or data.keys() != {key, "next_cursor"}:
-        return None
-    items, cursor = data[key], data["next_cursor"]
-    if type(items) is not list or not all(type(item) is dict for item in items):
-        return None
-    if cursor is not None and type(cursor) is not str:
+        # msgspec does not check the UTF-8 of the members it skips.
+        span.decode("utf-8")
+        _page_decoder(key).decode(span)
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
+        # RecursionError: msgspec's limit on nesting, which the walk handles.
         return None
     return span.strip(_JSON_WHITESPACE)
 

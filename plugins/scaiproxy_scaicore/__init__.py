@@ -8,7 +8,10 @@ an invocation reaches ScaiGrid as the client wrote it.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
 from aiohttp import web
@@ -211,10 +214,12 @@ _INVOKE_SCHEMA = {
 }
 
 
-def _query_params(query: EventsQuery) -> dict[str, Any]:
+@functools.lru_cache(maxsize=256)
+def _query_params(query: EventsQuery) -> Mapping[str, Any]:
     # Defaults (limit=50, status=pending) are sent too, so ScaiGrid's own
-    # defaults never decide what the canvas lists.
-    return query.model_dump(exclude_none=True)
+    # defaults never decide what the canvas lists. The query models are frozen,
+    # so a poll's query is hashable and its parameters are built once.
+    return MappingProxyType(query.model_dump(exclude_none=True))
 
 
 async def _forwarded_body(call: Call) -> bytes:
