@@ -22,7 +22,25 @@ from scaiproxy import jsonutil
 
 
 class GatewayRequestHandler(web_protocol.RequestHandler):
-    """aiohttp's connection protocol, with an enveloped error response that quotes nothing."""
+    """aiohttp's connection protocol, with an enveloped error response that quotes
+    nothing and idle connections that keep no response body."""
+
+    async def finish_response(
+        self, request: Any, resp: Any, start_time: float | None
+    ) -> Any:
+        """Send the response, then drop its body and the request's state.
+
+        aiohttp keeps a keep-alive connection's last request and response
+        referenced until the next request arrives. A Live Runs panel's
+        connection idles between polls, so without this each open panel would
+        keep a whole events page in memory.
+        """
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            if isinstance(resp, Response):
+                resp.body = None
+            request.clear()
 
     def handle_error(
         self,

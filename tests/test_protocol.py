@@ -1,7 +1,9 @@
 """Requests that aiohttp's HTTP parser rejects get the envelope, not a quote."""
 
 import asyncio
+import gc
 import json
+import tracemalloc
 
 from conftest import mint
 
@@ -48,3 +50,54 @@ async def test_gateway_serves_after_rejection(gateway, upstream, rsa_key):
     await exchange(gateway.server.port, b"GET / HTTP/1.1\r\nBad\x7fHeader: 1\r\n\r\n")
     response = await gateway.get("/healthz")
     assert response.status == 200
+
+
+# Idle keep-alive connections
+
+IDLE_CONNECTIONS = 20
+# About 200 KB of events, so that kept bodies would dwarf everything else.
+BIG_PAGE = {
+    "data": {
+        "events": [{"event_id": f"e{n}", "payload": "x" * 1000} for n in range(200)],
+        "next_cursor": None,
+    }
+}
+
+
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return await reader.readexactly(length)
+
+
+async def test_idle_connection_drops_last_body(gateway, upstream, rsa_key):
+    upstream.route("GET", "/v1/modules/scaicore/events", json_body=BIG_PAGE)
+    token = mint(rsa_key, permissions=["scaicore:view"])
+    request = (
+        b"GET /api/v1/scaicore/events HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"
+    )
+    writers = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(IDLE_CONNECTIONS):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+            writers.append(writer)
+            writer.write(request)
+            body = await _read_response(reader)
+            assert len(body) > 200_000
+        del body
+        gc.collect()
+        retained_bytes = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        for writer in writers:
+            writer.close()
+    # Every connection is still open and idle. Keeping each one's body would
+    # retain over 4 MB, while the connections themselves cost a few KB each.
+    assert retained_bytes < IDLE_CONNECTIONS * 200_000 / 4
