@@ -422,10 +422,12 @@ class TokenVerifier:
 
         A header of exactly ``Bearer <token>`` whose token is in the cache skips
         the parsing of :func:`bearer_token`: the token passed it when it was
-        cached, and a cache key is the hash of a token that did.
+        cached, and a cache key is the hash of a token that did. Such a token is
+        ASCII, and any other header goes to :func:`bearer_token`: aiohttp keeps
+        bytes that are not UTF-8 as lone surrogates, which ``encode()`` rejects.
         """
         values = headers.getall("Authorization", ())
-        if len(values) == 1 and values[0].startswith("Bearer "):
+        if len(values) == 1 and values[0].startswith("Bearer ") and values[0].isascii():
             principal = self._cached(values[0][7:])
             if principal is not None:
                 return principal

@@ -12,13 +12,16 @@ on the hot path, and the gateway updates its metrics from one thread only.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.samples import Sample
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -43,23 +46,26 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class _CounterValue:
-    __slots__ = ("value",)
+    __slots__ = ("created", "value")
 
     def __init__(self) -> None:
         self.value = 0.0
+        # Unix time of the series' creation, exported as <name>_created.
+        self.created = time.time()
 
     def inc(self, amount: float = 1.0) -> None:
         self.value += amount
 
 
 class _HistogramValue:
-    __slots__ = ("bounds", "counts", "total")
+    __slots__ = ("bounds", "counts", "created", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         # One count per bucket, and a last one for values above every bound.
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
+        self.created = time.time()
 
     def observe(self, value: float) -> None:
         # A bucket's bound is inclusive: bisect_left finds the first bound >= value.
@@ -85,13 +91,25 @@ class Counter:
         self._values: dict[tuple[str, ...], Any] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> Any:
-        """Return the value for one combination of label values, made on first use."""
+    def labels(self, *values: Any, **named: Any) -> Any:
+        """Return the value for one combination of label values, made on first use.
+
+        As with prometheus_client, the values come by position or by label name,
+        and each is converted with ``str()``.
+        """
+        if named:
+            if values or set(named) != set(self.labelnames):
+                raise ValueError(
+                    f"{self.name} needs the label values {self.labelnames} by "
+                    f"position or by name, got {sorted(named)} by name"
+                )
+            values = tuple(named[name] for name in self.labelnames)
         if len(values) != len(self.labelnames):
             raise ValueError(
                 f"{self.name} needs {len(self.labelnames)} label values "
                 f"{self.labelnames}, got {len(values)}"
             )
+        values = tuple(str(value) for value in values)
         value = self._values.get(values)
         if value is None:
             value = self._values[values] = self._new_value()
@@ -110,8 +128,11 @@ class Counter:
 
     def collect(self) -> Iterator[Any]:
         family = self._family()
+        created = _created_series_enabled()
         for labels, value in list(self._values.items()):
-            family.add_metric(labels, value.value)
+            family.add_metric(
+                labels, value.value, created=value.created if created else None
+            )
         yield family
 
 
@@ -141,6 +162,7 @@ class Histogram(Counter):
 
     def collect(self) -> Iterator[Any]:
         family = self._family()
+        created = _created_series_enabled()
         for labels, value in list(self._values.items()):
             cumulative = 0
             buckets = []
@@ -149,12 +171,25 @@ class Histogram(Counter):
                 buckets.append((_bound_text(bound), cumulative))
             buckets.append(("+Inf", cumulative + value.counts[-1]))
             family.add_metric(labels, buckets, value.total)
+            if created:
+                series = dict(zip(self.labelnames, labels, strict=True))
+                family.samples.append(
+                    Sample(f"{self.name}_created", series, value.created)
+                )
         yield family
 
 
 def _bound_text(bound: float) -> str:
     # The exposition's spelling of a bucket bound: 0.005, 1.0, 120.0.
     return repr(float(bound))
+
+
+def _created_series_enabled() -> bool:
+    # prometheus_client's own types leave out the <name>_created series when
+    # PROMETHEUS_DISABLE_CREATED_SERIES is set or disable_created_metrics() ran.
+    # NOTE: that switch is a private module attribute (seen in prometheus_client
+    # 0.26); without it the series are exported.
+    return getattr(prometheus_client.metrics, "_use_created", True)
 
 
 class Metrics:

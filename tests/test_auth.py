@@ -633,6 +633,19 @@ async def test_header_cache_hit_keeps_every_header_check(jwks_server, rsa_key):
             assert caught.value.status == 401
 
 
+async def test_header_with_surrogates_rejected(jwks_server, rsa_key):
+    """aiohttp keeps header bytes that are not UTF-8 as lone surrogates."""
+    token = mint(rsa_key)
+    async with aiohttp.ClientSession() as session:
+        verifier = await verifier_for(session, jwks_server.url)
+        await verifier.verify_header(CIMultiDict(Authorization=f"Bearer {token}"))
+        for value in ("Bearer \udcff\udcfe", f"Bearer {token}\udcff"):
+            with pytest.raises(ProxyError) as caught:
+                await verifier.verify_header(CIMultiDict(Authorization=value))
+            assert caught.value.status == 401
+            assert caught.value.error == "invalid_token"
+
+
 async def test_cache_hit_checks_exp(gateway, rsa_key, clock):
     token = mint(rsa_key, ttl_s=60)
     assert (await get_me(gateway, bearer(token)))[0] == 200

@@ -332,6 +332,20 @@ async def test_repeated_authorization_rejected(client, upstream, token):
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "value", ["\xff\xfe", "{token}\xff"], ids=["bytes_alone", "after_token"]
+)
+async def test_undecodable_authorization_rejected(value, client, upstream, token):
+    """Header bytes that are not UTF-8 get the 401 of any malformed token."""
+    await client.get(EVENTS, headers=bearer(token))
+    answer = await raw_exchange(
+        client, request_bytes("GET", EVENTS, value.format(token=token))
+    )
+    assert answer.status == 401
+    assert json.loads(answer.body)["detail"]["error"] == "invalid_token"
+    assert len(upstream.requests) == 1
+
+
 # --- CR and LF in values that could reach a header ---------------------------------
 
 

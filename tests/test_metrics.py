@@ -44,6 +44,62 @@ def test_exposition_matches_prometheus_client():
     )
 
 
+def _series(text: bytes) -> list[str]:
+    # Every line but the sample values, which for *_created are creation times.
+    lines = text.decode().splitlines()
+    return [line if line.startswith("#") else line.rpartition(" ")[0] for line in lines]
+
+
+def _demo_registries() -> tuple[CollectorRegistry, CollectorRegistry]:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    metrics.Counter("demo_requests", "Requests.", ["route"], ours).labels("a").inc()
+    metrics.Histogram(
+        "demo_seconds", "Durations.", ["route"], ours, buckets=BUCKETS
+    ).labels("a").observe(0.2)
+    prometheus_client.Counter(
+        "demo_requests", "Requests.", ["route"], registry=theirs
+    ).labels("a").inc()
+    prometheus_client.Histogram(
+        "demo_seconds", "Durations.", ["route"], buckets=BUCKETS, registry=theirs
+    ).labels("a").observe(0.2)
+    return ours, theirs
+
+
+def test_created_series_match_prometheus_client():
+    ours, theirs = _demo_registries()
+    exposed = _series(generate_latest(ours))
+    assert 'demo_requests_created{route="a"}' in exposed
+    assert 'demo_seconds_created{route="a"}' in exposed
+    assert exposed == _series(generate_latest(theirs))
+
+
+def test_created_series_follow_disable_switch(monkeypatch):
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)
+    ours, theirs = _demo_registries()
+    exposed = _series(generate_latest(ours))
+    assert not any("_created" in line for line in exposed)
+    assert exposed == _series(generate_latest(theirs))
+
+
+def test_labels_by_name_or_value():
+    counter = metrics.Counter(
+        "demo_requests", "Demo.", ["route", "status"], CollectorRegistry()
+    )
+    by_position = counter.labels("a", "200")
+    assert counter.labels(route="a", status="200") is by_position
+    assert counter.labels(status="200", route="a") is by_position
+    # Values are converted with str(), so 200 and "200" are one series.
+    assert counter.labels("a", 200) is by_position
+
+
+def test_wrong_label_names_rejected():
+    counter = metrics.Counter("demo_total", "Demo.", ["route"], CollectorRegistry())
+    with pytest.raises(ValueError, match="by position or by name"):
+        counter.labels(path="a")
+    with pytest.raises(ValueError, match="by position or by name"):
+        counter.labels("a", route="a")
+
+
 def test_sample_values_readable_from_registry():
     gateway = metrics.Metrics()
     gateway.child(gateway.requests, "scaicore.events", "GET", "200").inc()
