@@ -3,6 +3,10 @@
 One shared ClientSession, the gateway's two GET paths, ``limit`` passed on, the
 tenant key and a new ``X-Request-ID`` sent upstream, and the body returned as
 it came. No token check, validation, envelope, logging or metrics.
+
+With ``--cached`` it calls the upstream once per path and query and then
+answers every request with the stored body: the most that an aiohttp server can
+do on this machine, whatever the gateway behind it does.
 """
 
 from __future__ import annotations
@@ -28,9 +32,17 @@ async def _session(app: web.Application):
         yield
 
 
-def make_app(upstream: str) -> web.Application:
+def make_app(upstream: str, cached: bool = False) -> web.Application:
+    answers: dict[str, bytes] = {}
+
     async def forward(request: web.Request) -> web.Response:
         request_id = uuid.uuid4().hex
+        if cached and request.path_qs in answers:
+            return web.Response(
+                body=answers[request.path_qs],
+                content_type="application/json",
+                headers={"X-Request-ID": request_id},
+            )
         params = {"limit": request.query["limit"]} if "limit" in request.query else None
         async with request.app[SESSION].get(
             upstream + UPSTREAM_PATHS[request.path],
@@ -38,6 +50,8 @@ def make_app(upstream: str) -> web.Application:
             headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": request_id},
         ) as response:
             body = await response.read()
+            if cached and response.status == 200:
+                answers[request.path_qs] = body
             return web.Response(
                 status=response.status,
                 body=body,
@@ -60,9 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL of the upstream")
+    parser.add_argument(
+        "--cached", action="store_true", help="answer from the first upstream body"
+    )
     args = parser.parse_args()
     web.run_app(
-        make_app(args.upstream.rstrip("/")),
+        make_app(args.upstream.rstrip("/"), args.cached),
         host="127.0.0.1",
         port=args.port,
         access_log=None,

@@ -2,11 +2,12 @@
 
 A static nginx replaces ScaiGrid. Each workload is measured with wrk
 against every target in turn, over several rounds: the upstream directly, nginx
-as a plain reverse proxy, a bare aiohttp proxy, scaiproxy with one worker and
-with two, and on the 50-event page scaiproxy with the access log on and with
-request coalescing on. The run also reads the gateway's memory (after start-up,
-peak, and with 1,000 idle keep-alive connections) and, with ``--profile``,
-samples the one-worker gateway with py-spy.
+as a plain reverse proxy, a bare aiohttp proxy, an aiohttp server that answers
+from memory, scaiproxy with one worker and with two, and on the 50-event page
+scaiproxy with the access log on and with request coalescing off. The run
+also reads the gateway's memory (after start-up, peak, and with 1,000 idle
+keep-alive connections) and, with ``--profile``, samples the one-worker gateway
+with py-spy.
 
     .venv/bin/python tests/benchmarks/bench.py [--duration 3] [--rounds 3] [--quick]
 
@@ -164,6 +165,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work folder with configs and logs"
     )
+    parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="run the gateway from this environment instead of a new virtualenv "
+        "with the runtime dependencies only",
+    )
     args = parser.parse_args(argv)
 
     defaults = (1, 1, "16,64") if args.quick else (3, 3, "1,16,64,256")
@@ -226,9 +233,29 @@ def raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def gateway_command() -> list[str]:
-    script = Path(sys.executable).parent / "scaiproxy"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "scaiproxy.cli"]
+def gateway_command(workdir: Path | None = None) -> list[str]:
+    """Return the command that runs scaiproxy.
+
+    With ``workdir``, first install the repository and its runtime dependencies
+    alone into a new virtualenv there, as a deployment would: the test extras
+    (pytest, schemathesis, rich...) would add megabytes to the gateway's RSS.
+    """
+    if workdir is None:
+        script = Path(sys.executable).parent / "scaiproxy"
+        return (
+            [str(script)]
+            if script.exists()
+            else [sys.executable, "-m", "scaiproxy.cli"]
+        )
+    venv = workdir / "gateway-venv"
+    print("installing scaiproxy into a virtualenv of its own", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    install = [str(venv / "bin" / "pip"), "install", "-q", str(REPO_ROOT)]
+    if subprocess.run(install, timeout=900, check=False).returncode != 0:
+        raise BenchError(
+            f"{' '.join(install)} failed; see its output, or run with --in-place"
+        )
+    return [str(venv / "bin" / "scaiproxy")]
 
 
 def installed_plugins() -> set[str]:
@@ -254,30 +281,28 @@ def check_response(target: Target, workload: Workload, headers: dict[str, str]) 
         )
 
 
-def start_baseline(processes: Processes, workdir: Path, upstream_port: int) -> Target:
+def start_baseline(
+    processes: Processes, workdir: Path, upstream_port: int, cached: bool = False
+) -> Target:
     """Start the bare aiohttp proxy, run on the small and the medium page only."""
     port = servers.free_port()
-    log_path = workdir / "aiohttp-baseline.log"
+    name = "aiohttp-cached" if cached else "aiohttp"
+    log_path = workdir / f"{name}.log"
+    argv = [
+        sys.executable,
+        str(Path(__file__).with_name("aiohttp_baseline.py")),
+        "--port",
+        str(port),
+        "--upstream",
+        f"http://{HOST}:{upstream_port}",
+    ]
+    if cached:
+        argv.append("--cached")
     with log_path.open("wb") as log_file:
-        process = processes.start(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("aiohttp_baseline.py")),
-                "--port",
-                str(port),
-                "--upstream",
-                f"http://{HOST}:{upstream_port}",
-            ],
-            stderr=log_file,
-        )
-    servers.wait_http(port, "/healthz", process, "the bare aiohttp proxy", log_path)
-    return Target(
-        "aiohttp",
-        "bare aiohttp proxy",
-        port,
-        [process.pid],
-        only=("events-1", "events-50"),
-    )
+        process = processes.start(argv, stderr=log_file)
+    servers.wait_http(port, "/healthz", process, f"the {name} server", log_path)
+    label = "aiohttp, stored answer" if cached else "bare aiohttp proxy"
+    return Target(name, label, port, [process.pid], only=("events-1", "events-50"))
 
 
 def start_targets(
@@ -287,6 +312,7 @@ def start_targets(
     credentials: Credentials,
     plugins: list[str],
     workload_names: set[str],
+    scaiproxy: list[str],
 ) -> tuple[list[Target], dict[str, int]]:
     """Start the upstream, nginx and the gateways; returns targets and file sizes."""
     upstream_port, proxy_port = servers.free_port(), servers.free_port()
@@ -309,6 +335,7 @@ def start_targets(
         ),
         Target("nginx", "nginx proxy", proxy_port, servers.children(proxy.pid)),
         start_baseline(processes, workdir, upstream_port),
+        start_baseline(processes, workdir, upstream_port, cached=True),
     ]
     variants = [
         (GatewayVariant("1w"), "scaiproxy 1 worker", ()),
@@ -322,15 +349,22 @@ def start_targets(
                 ("events-50",),
             ),
             (
-                GatewayVariant("1w-coalesce", coalesce_gets=True),
-                "scaiproxy 1 worker, coalescing",
+                GatewayVariant("1w-direct", coalesce_gets=False),
+                "scaiproxy 1 worker, no coalescing",
                 ("events-50",),
             ),
         ]
     for variant, label, only in variants:
         targets.append(
             start_gateway_target(
-                processes, workdir, variant, label, upstream_port, plugins, only
+                processes,
+                workdir,
+                variant,
+                label,
+                upstream_port,
+                plugins,
+                scaiproxy,
+                only,
             )
         )
     return targets, sizes
@@ -343,13 +377,14 @@ def start_gateway_target(
     label: str,
     upstream_port: int,
     plugins: list[str],
+    scaiproxy: list[str],
     only: tuple[str, ...] = (),
 ) -> Target:
     """Start one scaiproxy variant and note each worker's RSS after start-up."""
     port = servers.free_port()
     config = servers.gateway_config(workdir, variant, port, upstream_port, plugins)
     _, pids = servers.start_gateway(
-        processes, gateway_command(), workdir, config, variant, port
+        processes, scaiproxy, workdir, config, variant, port
     )
     target = Target(variant.name, label, port, pids, only=only)
     target.startup_rss_kb = [servers.memory_kb(pid, "VmRSS") for pid in pids]
@@ -514,8 +549,8 @@ def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
 
 
 def coalescing_note(run: Run) -> None:
-    """Say how many upstream calls the coalescing gateway made per request."""
-    target = next((t for t in run.targets if t.key == "1w-coalesce"), None)
+    """Say how many upstream calls the one-worker gateway made per request."""
+    target = next((t for t in run.targets if t.key == "1w"), None)
     if target is None:
         return
     status, body = servers.http_get(target.port, "/metrics")
@@ -534,8 +569,9 @@ def coalescing_note(run: Run) -> None:
     if requests:
         run.notes.append(
             f"With coalescing on (the shipped default), the one-worker gateway made "
-            f"{100 * calls / requests:.0f} upstream calls per 100 events-50 requests "
-            "over all its runs; identical GETs in flight shared one upstream call."
+            f"{100 * calls / requests:.0f} upstream calls per 100 events requests "
+            "over all its runs (every page size and connection count): identical "
+            "GETs in flight shared one upstream call."
         )
 
 
@@ -834,11 +870,18 @@ def benchmark(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     if not chosen:
         raise BenchError("no workload left to run; check --workloads")
 
+    scaiproxy = gateway_command(None if args.in_place else workdir)
     credentials = make_credentials()
     # nginx's worker runs as nobody when started by root, and must read the files.
     workdir.chmod(0o755)
     targets, sizes = start_targets(
-        processes, workdir, nginx, credentials, plugins, {w.name for w in chosen}
+        processes,
+        workdir,
+        nginx,
+        credentials,
+        plugins,
+        {w.name for w in chosen},
+        scaiproxy,
     )
     headers = auth_headers(credentials)
     for workload in chosen:
@@ -864,6 +907,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         "scaiproxy 1 worker, no load before",
         upstream_port,
         plugins,
+        scaiproxy,
     )
     idle_connections(run, processes, fresh, headers, before_label="after start-up")
 

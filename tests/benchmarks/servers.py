@@ -311,7 +311,8 @@ class GatewayVariant:
     name: str
     workers: int = 1
     log_level: str = "warning"
-    coalesce_gets: bool = False
+    #: The shipped default; one variant turns it off.
+    coalesce_gets: bool = True
 
 
 def gateway_config(
