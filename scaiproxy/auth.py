@@ -423,8 +423,9 @@ class TokenVerifier:
         A header of exactly ``Bearer <token>`` whose token is in the cache skips
         the parsing of :func:`bearer_token`: the token passed it when it was
         cached, and a cache key is the hash of a token that did. Such a token is
-        ASCII, and any other header goes to :func:`bearer_token`: aiohttp keeps
-        bytes that are not UTF-8 as lone surrogates, which ``encode()`` rejects.
+        ASCII. A header that is not goes to :func:`bearer_token`, because aiohttp
+        keeps bytes that are not UTF-8 as lone surrogates and ``encode()`` raises
+        on those.
         """
         values = headers.getall("Authorization", ())
         if len(values) == 1 and values[0].startswith("Bearer ") and values[0].isascii():

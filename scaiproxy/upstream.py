@@ -259,6 +259,9 @@ class UpstreamClient:
             declared = response.content_length
             if declared is not None and declared > limit:
                 raise _TooLarge()
+            if declared is not None and not response.headers.get("Content-Encoding"):
+                # The declared length is the body's length, and within the limit.
+                return response.status, response.headers, await response.read()
             # content.read(n) returns what is buffered, not the whole body.
             chunks: list[bytes] = []
             size = 0

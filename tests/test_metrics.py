@@ -14,7 +14,7 @@ OBSERVED = (0.0, 0.001, 0.0011, 0.003, 0.005, 0.5, 1.0, 119.9, 120.0, 121.0, 720
 
 
 def _without_created(text: bytes) -> list[str]:
-    # prometheus_client adds a *_created sample per series, which the gateway does not.
+    # The *_created samples are creation times, which differ between registries.
     return [line for line in text.decode().splitlines() if "_created" not in line]
 
 
