@@ -144,7 +144,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     session = UpstreamClient.create_session(settings.upstream)
     app[SESSION] = session
-    app[UPSTREAM] = UpstreamClient(settings.upstream, session, app[METRICS])
+    app[UPSTREAM] = UpstreamClient(
+        settings.upstream, session, app[METRICS], settings.server.base_path
+    )
     if settings.auth.mode == "scaikey":
         jwks = JWKSCache(settings.auth, session) if settings.auth.jwks_url else None
         app[VERIFIER] = TokenVerifier(settings.auth, jwks)

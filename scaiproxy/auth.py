@@ -125,14 +125,14 @@ def auth_unavailable(message: str, retry_after_s: int = 5) -> ProxyError:
 
 
 def insufficient_scope(
-    required: str | list[str], kind: str = "permission"
+    required: str | list[str], kind: str = "permission", base_path: str = "/api"
 ) -> ProxyError:
     names = required if isinstance(required, str) else " or ".join(required)
     return ProxyError(
         403,
         INSUFFICIENT_SCOPE,
         f"This route needs the {kind} {names}, which the caller does not have.",
-        fix="Ask a tenant admin to grant it; GET /api/v1/me lists what you have.",
+        fix=f"Ask a tenant admin to grant it; GET {base_path}/v1/me lists what you have.",
         required=required,
         headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
     )

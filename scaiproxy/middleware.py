@@ -262,9 +262,17 @@ def _authorize(request: web.Request, spec: RouteSpec, principal: Any) -> None:
         tenant_id=principal.tenant_id, sub=principal.sub
     )
     if spec.permission and not principal.has_permission(spec.permission):
-        raise insufficient_scope(spec.permission)
+        raise insufficient_scope(spec.permission, base_path=_base_path(request))
     if spec.roles and not principal.roles.intersection(spec.roles):
-        raise insufficient_scope(list(spec.roles), kind="role")
+        raise insufficient_scope(
+            list(spec.roles), kind="role", base_path=_base_path(request)
+        )
+
+
+def _base_path(request: web.Request) -> str:
+    from scaiproxy.app import SETTINGS
+
+    return request.app[SETTINGS].server.base_path
 
 
 def middlewares(metrics: Metrics) -> list[Any]:

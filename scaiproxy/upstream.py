@@ -91,10 +91,13 @@ class UpstreamClient:
         config: UpstreamConfig,
         session: aiohttp.ClientSession,
         metrics: Metrics | None = None,
+        base_path: str = "/api",
     ) -> None:
         self.config = config
         self.session = session
         self.metrics = metrics
+        #: ``server.base_path``, for the route that the fix of a rejected key names.
+        self.base_path = base_path
         self._in_flight: dict[tuple[str, bytes], asyncio.Future[UpstreamResponse]] = {}
 
     @staticmethod
@@ -326,7 +329,7 @@ class UpstreamClient:
                 f"({credential.masked}) with HTTP {status}.",
                 fix=(
                     "The key is wrong or revoked: a tenant admin stores a new one "
-                    "with POST /api/v1/tenants/me/scaigrid_credentials."
+                    f"with POST {self.base_path}/v1/tenants/me/scaigrid_credentials."
                     if credential.source == "tenant_key"
                     else "The development key is wrong or revoked: set a valid "
                     "key in its environment variable and restart."

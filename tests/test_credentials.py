@@ -589,3 +589,42 @@ async def test_credential_reuse_bounded(monkeypatch):
         await resolver.resolve(_principal("acme", f"token-{number}"))
     assert len(resolver._credentials) == 3
     assert await resolver.resolve(_principal("acme", "token-0")) is not oldest
+
+
+async def test_rejected_key_fix_names_base_path(
+    make_gateway, upstream, jwks_server, rsa_key, tmp_path
+):
+    upstream.route(
+        "GET",
+        EVENTS,
+        json_body={"status": "error", "error": {"code": "invalid_key"}},
+        status=401,
+    )
+    config = gateway_config(
+        upstream.base_url, jwks_server.url, "api_key", secrets_file(tmp_path)
+    )
+    config["server"] = {"base_path": "/gateway"}
+    client = await make_gateway(config)
+    response = await client.get(
+        "/gateway/v1/scaicore/events",
+        headers=bearer(mint(rsa_key, permissions=["scaicore:view"])),
+    )
+    detail = (await response.json())["detail"]
+    assert response.status == 502
+    assert detail["error"] == "upstream_auth_failed"
+    assert "POST /gateway/v1/tenants/me/scaigrid_credentials" in detail["fix"]
+
+
+async def test_missing_permission_fix_names_base_path(
+    make_gateway, events, jwks_server, rsa_key
+):
+    config = gateway_config(events.base_url, jwks_server.url)
+    config["server"] = {"base_path": "/gateway"}
+    client = await make_gateway(config)
+    response = await client.get(
+        "/gateway/v1/scaicore/events",
+        headers=bearer(mint(rsa_key, permissions=["other:view"])),
+    )
+    detail = (await response.json())["detail"]
+    assert response.status == 403
+    assert "GET /gateway/v1/me" in detail["fix"]
