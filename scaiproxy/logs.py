@@ -65,6 +65,17 @@ def redact_secrets(
     _logger: Any, _method: str, event_dict: dict[str, Any]
 ) -> dict[str, Any]:
     """structlog processor: mask secrets in every field, the message included."""
+    # Most events are flat and carry no secret: one search over all their text
+    # (joined by newlines, which no pattern crosses) is enough for those.
+    texts = []
+    for value in event_dict.values():
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict | list | tuple):
+            break
+    else:
+        if _SECRET_START.search("\n".join(texts)) is None:
+            return event_dict
     for key, value in event_dict.items():
         if isinstance(value, str | dict | list | tuple):
             event_dict[key] = _redact_value(value)

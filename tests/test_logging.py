@@ -406,3 +406,29 @@ def test_configure_twice_one_handler():
     logging.getLogger("aiohttp.server").warning("once")
     assert first.getvalue() == ""
     assert len(lines(second)) == 1
+
+
+def test_flat_event_with_secret_redacted_by_field():
+    event = {
+        "event": "request",
+        "path": "/api/v1/x",
+        "note": "sent Bearer abc.def.ghi",
+        "key": "sgk_abcdefghijklmnop1234",
+        "status": 200,
+    }
+    redacted = redact_secrets(None, "info", dict(event))
+    assert redacted["path"] == "/api/v1/x"
+    assert redacted["note"] == "sent Bearer [redacted]"
+    assert redacted["key"] == "sgk_…1234"
+    assert redacted["status"] == 200
+
+
+def test_flat_event_without_secret_unchanged():
+    event = {"event": "request", "path": "/api/v1/x", "tenant_id": "acme", "n": 3}
+    assert redact_secrets(None, "info", dict(event)) == event
+
+
+def test_secret_split_across_fields_not_joined():
+    # Two fields that would spell a key prefix only if joined without a separator.
+    event = {"a": "xsgk", "b": "_abcdefghijklmnop"}
+    assert redact_secrets(None, "info", dict(event)) == event
