@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from scaiproxy import jsonutil
+from scaiproxy.logs import access_line_writer
 from scaiproxy.auth import insufficient_scope
 from scaiproxy.errors import (
     INTERNAL_ERROR,
@@ -172,9 +173,10 @@ def _access_event(
             fields["upstream_duration_ms"] = round(upstream.last.duration_ms, 3)
         if upstream.last_request_id:
             fields["upstream_request_id"] = upstream.last_request_id[:128]
+    writer = access_line_writer() or log
     if disconnected or status == CLIENT_CLOSED_REQUEST:
-        log.info("client_disconnected", **fields)
-    log.info("request", **fields)
+        writer.info("client_disconnected", **dict(fields))
+    writer.info("request", **fields)
 
 
 async def _errors_enveloped(

@@ -15,7 +15,12 @@ from aiohttp import web
 from conftest import base_config, bearer, mint
 
 from scaiproxy.config import LoggingConfig
-from scaiproxy.logs import configure_logging, redact_secrets, redact_text
+from scaiproxy.logs import (
+    access_line_writer,
+    configure_logging,
+    redact_secrets,
+    redact_text,
+)
 
 EVENTS = "/api/v1/scaicore/events"
 EVENTS_UP = "/v1/modules/scaicore/events"
@@ -432,3 +437,66 @@ def test_secret_split_across_fields_not_joined():
     # Two fields that would spell a key prefix only if joined without a separator.
     event = {"a": "xsgk", "b": "_abcdefghijklmnop"}
     assert redact_secrets(None, "info", dict(event)) == event
+
+
+# The access-line writer
+
+
+ACCESS_FIELDS = {
+    "method": "GET",
+    "route": "scaicore.events",
+    "path": "/api/v1/scaicore/events",
+    "status": 200,
+    "duration_ms": 1.5,
+    "upstream_request_id": "up-1",
+}
+
+
+def test_access_line_matches_structlog_chain(log_stream):
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id="rid-1", tenant_id="acme")
+    try:
+        structlog.get_logger("scaiproxy.request").info("request", **ACCESS_FIELDS)
+        writer = access_line_writer()
+        assert writer is not None
+        writer.info("request", **dict(ACCESS_FIELDS))
+    finally:
+        structlog.contextvars.clear_contextvars()
+    chain, direct = (json.loads(line) for line in log_stream.getvalue().splitlines())
+    assert chain.pop("timestamp").endswith("Z")
+    assert direct.pop("timestamp").endswith("Z")
+    assert list(direct.items()) == list(chain.items())
+
+
+def test_access_line_redacts_secrets(log_stream):
+    writer = access_line_writer()
+    writer.info("request", path="/x?key=sgk_abcdefghijklmnop1234", status=401)
+    [line] = named(log_stream, "request")
+    assert line["path"] == "/x?key=sgk_…1234"
+    assert "abcdefghijklmnop" not in log_stream.getvalue()
+
+
+def test_access_writer_follows_handler(log_stream):
+    assert access_line_writer() is not None
+    root = logging.getLogger()
+    handler = next(h for h in root.handlers if getattr(h, "_scaiproxy", False))
+    root.removeHandler(handler)
+    try:
+        assert access_line_writer() is None
+    finally:
+        root.addHandler(handler)
+
+
+def test_console_format_has_no_access_writer():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    configure_logging(LoggingConfig(level="info", format="console"), stream=stream)
+    try:
+        assert access_line_writer() is None
+    finally:
+        for handler in list(root.handlers):
+            if getattr(handler, "_scaiproxy", False):
+                root.removeHandler(handler)
+        root.setLevel(level)
+        structlog.reset_defaults()
