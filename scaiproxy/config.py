@@ -530,5 +530,17 @@ def check_settings(settings: Settings) -> None:
                     "scaicore:view or a wildcard such as scaicore:*",
                 )
     enabled = settings.plugins.enabled
-    if len(set(enabled)) != len(enabled):
-        raise ConfigError("plugins.enabled", "a plugin is listed more than once")
+    repeated = sorted({name for name in enabled if enabled.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            "plugins.enabled",
+            f"{', '.join(repeated)} listed more than once; list each plugin once",
+        )
+    auth = settings.auth
+    if auth.mode == "scaikey" and auth.jwks_url and not auth.algorithms:
+        raise ConfigError(
+            "auth.algorithms",
+            "empty, so no token signed with ScaiKey's keys could be verified; "
+            "list one or more of RS256, RS384, RS512, ES256, ES384, or leave "
+            "the key out for RS256 and ES256",
+        )

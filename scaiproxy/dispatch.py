@@ -249,6 +249,26 @@ async def _read_body(request: web.Request, timeout_s: float) -> bytes:
     try:
         async with asyncio.timeout(timeout_s):
             return await request.read()
+    except web.RequestPayloadError as exc:
+        # A body that does not decode as its Content-Encoding declares, or one
+        # cut short by the client closing the connection.
+        log.info("request_body_unreadable", error=str(exc)[:200])
+        raise ProxyError(
+            400,
+            INVALID_JSON,
+            "The request body could not be read: it does not match its "
+            "Content-Encoding, or the connection closed before its end.",
+            fix="Send the body whole, with a Content-Encoding (gzip, deflate) "
+            "that matches it or none.",
+        ) from None
+    except ConnectionResetError:
+        log.info("request_body_incomplete", declared_bytes=request.content_length)
+        raise ProxyError(
+            400,
+            INVALID_JSON,
+            "The connection closed before the request body was complete.",
+            fix="Send the whole body, with a Content-Length that matches it.",
+        ) from None
     except TimeoutError:
         received = request.content.total_bytes
         log.info(

@@ -10,6 +10,7 @@ members, so that event pages can be forwarded without re-encoding a single event
 from __future__ import annotations
 
 import json
+import sys
 import re
 from typing import Any
 
@@ -25,6 +26,12 @@ def _reject_constant(name: str) -> Any:
 
 # NaN and Infinity are not JSON, and clients that parse strictly would fail on them.
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# Python converts at most 4,300 digits to an int (sys.get_int_max_str_digits)
+# because longer ones cost quadratic time. Beyond that the decoder raises a bare
+# ValueError.
+_TOO_MANY_DIGITS = (
+    f"an integer has more than {sys.get_int_max_str_digits()} digits"
+)
 _scan_value = _decoder.scan_once
 _scan_string = json.decoder.scanstring
 _whitespace = re.compile(r"[ \t\n\r]*")
@@ -61,6 +68,8 @@ def loads(data: bytes | str, max_depth: int | None = None) -> Any:
         value = _decoder.decode(data)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise JSONSyntaxError(str(exc)) from exc
+    except ValueError:
+        raise JSONSyntaxError(_TOO_MANY_DIGITS) from None
     if max_depth is not None and nesting_depth(value, max_depth) > max_depth:
         raise JSONSyntaxError(f"nested deeper than {max_depth} levels")
     return value
@@ -157,3 +166,5 @@ def _walk_object(
         raise JSONSyntaxError(f"invalid value at offset {exc.value}") from None
     except (json.JSONDecodeError, RecursionError) as exc:
         raise JSONSyntaxError(str(exc)) from None
+    except ValueError:
+        raise JSONSyntaxError(_TOO_MANY_DIGITS) from None

@@ -216,6 +216,19 @@ def test_openapi_path_needs_leading_slash():
 def test_plugin_listed_twice():
     error = rejected(config(plugins={"enabled": ["scaicore", "scaicore"]}))
     assert error.key == "plugins.enabled"
+    assert "scaicore listed more than once" in str(error)
+
+
+def test_empty_algorithms_rejected():
+    error = rejected(config(auth={"algorithms": []}))
+    assert error.key == "auth.algorithms"
+    assert "RS256" in str(error)
+
+
+def test_empty_algorithms_with_hs256_accepted():
+    raw = config(auth={"algorithms": [], "jwks_url": None, "hs256_secret": "s" * 32})
+    settings = settings_from_mapping(raw, environ={})
+    assert settings.auth.algorithms == ()
 
 
 def test_base_path_trailing_slash():

@@ -663,3 +663,91 @@ async def test_aiohttp_client_error_is_not_500(client, token):
     )
     assert response.status == 400
     assert isinstance(await response.json(), dict)
+
+
+# --- bodies that cannot be read or converted ----------------------------------
+
+
+@pytest.fixture
+async def roomy(make_gateway, upstream, jwks_server):
+    """The gateway with the default body limit, for bodies over 4 KiB."""
+    upstream.route("POST", INVOKE_UP, json_body=INVOKED)
+    return await make_gateway(base_config(upstream.base_url, jwks_server.url))
+
+
+async def test_integer_beyond_digit_limit_rejected(roomy, upstream, token):
+    body = b'{"input": {"n": ' + b"9" * 4301 + b"}}"
+    response = await roomy.post(
+        INVOKE,
+        data=body,
+        headers={**bearer(token), "Content-Type": "application/json"},
+    )
+    detail = await error_of(response, 400)
+    assert detail["error"] == "invalid_json"
+    assert "more than 4300 digits" in detail["message"]
+    assert not [r for r in upstream.requests if r.method == "POST"]
+
+
+async def test_integer_at_digit_limit_forwarded(roomy, upstream, token):
+    digits = b"9" * 4300
+    response = await roomy.post(
+        INVOKE,
+        data=b'{"input": {"n": ' + digits + b"}}",
+        headers={**bearer(token), "Content-Type": "application/json"},
+    )
+    assert response.status == 200
+    assert digits in upstream.last.body
+
+
+async def test_body_not_matching_encoding_rejected(client, upstream, token):
+    response = await client.post(
+        INVOKE,
+        data=b"abcde",
+        headers={
+            **bearer(token),
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+        },
+    )
+    detail = await error_of(response, 400)
+    assert detail["error"] == "invalid_json"
+    assert "Content-Encoding" in detail["message"]
+
+
+async def test_client_leaving_mid_body_not_an_error(
+    upstream, jwks_server, gateway_process, token
+):
+    # Under `scaiproxy serve` the handler is not cancelled when the client
+    # leaves, so it meets the reset while it reads the body.
+    upstream.route("POST", INVOKE_UP, json_body=INVOKED)
+    config = base_config(upstream.base_url, jwks_server.url)
+    config["logging"] = {"level": "info", "format": "json"}
+    gateway = await gateway_process(config)
+
+    request = (
+        f"POST {INVOKE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n"
+        '{"input":'
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(request)
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.close()
+
+    events: list[dict[str, Any]] = []
+    for _ in range(100):
+        lines = gateway.log_path.read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.startswith("{")]
+        accesses = [
+            event
+            for event in events
+            if event["event"] == "request" and event.get("path") == INVOKE
+        ]
+        if accesses:
+            break
+        await asyncio.sleep(0.05)
+
+    names = [event["event"] for event in events]
+    assert "unhandled_error" not in names
+    assert [access["status"] for access in accesses] == [499]

@@ -392,6 +392,7 @@ QUERY_ERRORS = [
     ("events", "cursor=" + "c" * 2049, "cursor", "1 to 2048"),
     ("events", "cursor=a%00b", "cursor", "control character"),
     ("events", "cursor=a%0D%0AX-Injected:%201", "cursor", "control character"),
+    ("events", "cursor=%FF%FE", "cursor", "not valid UTF-8"),
     ("events", "cursor=a+b/c==", "cursor", "'+' is sent as %2B"),
     ("events", "cursor=a%20b", "cursor", "'+' is sent as %2B"),
     ("events", "status=pending", "status", "allowed: core_id, limit, cursor"),

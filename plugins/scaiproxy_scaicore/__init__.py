@@ -112,6 +112,13 @@ def _check_cursor(value: Any) -> Any:
             f"{MAX_CURSOR_LENGTH} characters; got {len(value)} characters "
             "(leave cursor out for the first page)"
         )
+    if "\ufffd" in value:
+        # What the query parser makes of percent-escapes that are not UTF-8,
+        # such as %FF: forwarding it would change the cursor.
+        raise ValueError(
+            "is not valid UTF-8 once percent-decoded; send the next_cursor of "
+            "the previous page unchanged, percent-encoded"
+        )
     if _CONTROL.search(value):
         raise ValueError(
             "contains a control character; send the next_cursor of the previous "
