@@ -10,8 +10,8 @@ members, so that event pages can be forwarded without re-encoding a single event
 from __future__ import annotations
 
 import json
-import sys
 import re
+import sys
 from typing import Any
 
 import orjson

@@ -15,7 +15,6 @@ import structlog
 from aiohttp import web
 
 from scaiproxy import jsonutil
-from scaiproxy.logs import access_line_writer
 from scaiproxy.auth import insufficient_scope
 from scaiproxy.errors import (
     INTERNAL_ERROR,
@@ -24,6 +23,7 @@ from scaiproxy.errors import (
     PAYLOAD_TOO_LARGE,
     ProxyError,
 )
+from scaiproxy.logs import access_line_writer
 
 if TYPE_CHECKING:
     from scaiproxy.metrics import Metrics
