@@ -132,7 +132,10 @@ def insufficient_scope(
         403,
         INSUFFICIENT_SCOPE,
         f"This route needs the {kind} {names}, which the caller does not have.",
-        fix=f"Ask a tenant admin to grant it; GET {base_path}/v1/me lists what you have.",
+        fix=(
+            f"Ask a tenant admin to grant it; GET {base_path}/v1/me lists what "
+            "you have."
+        ),
         required=required,
         headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
     )
@@ -392,6 +395,11 @@ def _published_keys(entries: list[Any]) -> dict[str, PublishedKey]:
     return keys
 
 
+def _token_digest(token: str) -> bytes:
+    # The cache key: the token itself is never kept as one.
+    return hashlib.sha256(token.encode()).digest()
+
+
 @dataclass(frozen=True)
 class _CacheEntry:
     principal: Principal
@@ -429,28 +437,28 @@ class TokenVerifier:
         """
         values = headers.getall("Authorization", ())
         if len(values) == 1 and values[0].startswith("Bearer ") and values[0].isascii():
-            principal = self._cached(values[0][7:])
+            principal = self._cached(_token_digest(values[0][7:]))
             if principal is not None:
                 return principal
         return await self.verify(bearer_token(headers))
 
-    def _cached(self, token: str) -> Principal | None:
-        digest = hashlib.sha256(token.encode()).digest()
+    def _cached(self, digest: bytes) -> Principal | None:
+        """Return the cached principal of a token digest, dropping a stale entry."""
         entry = self._cache.get(digest)
-        if entry is None or not self._still_valid(entry):
+        if entry is None:
+            return None
+        if not self._still_valid(entry):
+            del self._cache[digest]
             return None
         self._cache.move_to_end(digest)
         return entry.principal
 
     async def verify(self, token: str) -> Principal:
         """Verify ``token`` and return its principal, or raise a 401 or 503."""
-        digest = hashlib.sha256(token.encode()).digest()
-        entry = self._cache.get(digest)
-        if entry is not None:
-            if self._still_valid(entry):
-                self._cache.move_to_end(digest)
-                return entry.principal
-            del self._cache[digest]
+        digest = _token_digest(token)
+        principal = self._cached(digest)
+        if principal is not None:
+            return principal
 
         claims, kid = await self._decode(token)
         principal = self._principal(claims, token)

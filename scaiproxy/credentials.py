@@ -52,6 +52,11 @@ MAX_CREDENTIALS = 1024
 _KEY_CHARACTERS = re.compile(r"[\x21-\x7e]{1,4096}")
 
 
+def credentials_route(base_path: str) -> str:
+    """Return the route through which a tenant admin stores the tenant's key."""
+    return f"POST {base_path}/v1/tenants/me/scaigrid_credentials"
+
+
 def mask(secret: str) -> str:
     """Show a key as its first four and last four characters: ``sgk_…1234``."""
     if len(secret) < 12:
@@ -92,9 +97,7 @@ class CredentialResolver:
         self.env_var = settings.auth.env_api_key_var
         self._upstream = settings.upstream
         self._secrets = secrets
-        self._credentials_route = (
-            f"POST {settings.server.base_path}/v1/tenants/me/scaigrid_credentials"
-        )
+        self._credentials_route = credentials_route(settings.server.base_path)
         if settings.auth.mode == "disabled" and self.mode == "user_jwt":
             raise ConfigError(
                 "auth.upstream_credentials",

@@ -24,7 +24,7 @@ from yarl import URL
 
 from scaiproxy import __version__, jsonutil
 from scaiproxy.config import UpstreamConfig
-from scaiproxy.credentials import Credential
+from scaiproxy.credentials import Credential, credentials_route
 from scaiproxy.errors import (
     BAD_GATEWAY,
     RATE_LIMITED,
@@ -329,7 +329,7 @@ class UpstreamClient:
                 f"({credential.masked}) with HTTP {status}.",
                 fix=(
                     "The key is wrong or revoked: a tenant admin stores a new one "
-                    f"with POST {self.base_path}/v1/tenants/me/scaigrid_credentials."
+                    f"with {credentials_route(self.base_path)}."
                     if credential.source == "tenant_key"
                     else "The development key is wrong or revoked: set a valid "
                     "key in its environment variable and restart."
@@ -401,7 +401,9 @@ def upstream_url(
     query = ()
     if params:
         query = tuple(
-            (key, _query_value(value)) for key, value in params.items() if value is not None
+            (key, _query_value(value))
+            for key, value in params.items()
+            if value is not None
         )
     return _url(base_url, path, query)
 

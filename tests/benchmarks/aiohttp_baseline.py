@@ -5,7 +5,7 @@ tenant key and a new ``X-Request-ID`` sent upstream, and the body returned as
 it came. No token check, validation, envelope, logging or metrics.
 
 With ``--cached`` it calls the upstream once per path and query and then
-answers every request with the stored body: the most that an aiohttp server can
+responds to every request with the stored body: the most that an aiohttp server can
 do on this machine, whatever the gateway behind it does.
 """
 
@@ -33,13 +33,13 @@ async def _session(app: web.Application):
 
 
 def make_app(upstream: str, cached: bool = False) -> web.Application:
-    answers: dict[str, bytes] = {}
+    stored_bodies: dict[str, bytes] = {}
 
     async def forward(request: web.Request) -> web.Response:
         request_id = uuid.uuid4().hex
-        if cached and request.path_qs in answers:
+        if cached and request.path_qs in stored_bodies:
             return web.Response(
-                body=answers[request.path_qs],
+                body=stored_bodies[request.path_qs],
                 content_type="application/json",
                 headers={"X-Request-ID": request_id},
             )
@@ -51,7 +51,7 @@ def make_app(upstream: str, cached: bool = False) -> web.Application:
         ) as response:
             body = await response.read()
             if cached and response.status == 200:
-                answers[request.path_qs] = body
+                stored_bodies[request.path_qs] = body
             return web.Response(
                 status=response.status,
                 body=body,
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL of the upstream")
     parser.add_argument(
-        "--cached", action="store_true", help="answer from the first upstream body"
+        "--cached", action="store_true", help="respond with the first upstream body"
     )
     args = parser.parse_args()
     web.run_app(

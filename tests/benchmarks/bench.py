@@ -2,7 +2,7 @@
 
 A static nginx replaces ScaiGrid. Each workload is measured with wrk
 against every target in turn, over several rounds: the upstream directly, nginx
-as a plain reverse proxy, a bare aiohttp proxy, an aiohttp server that answers
+as a plain reverse proxy, a bare aiohttp proxy, an aiohttp server that responds
 from memory, scaiproxy with one worker and with two, and on the 50-event page
 scaiproxy with the access log on and with request coalescing off. The run
 also reads the gateway's memory (after start-up, peak, and with 1,000 idle
