@@ -562,12 +562,17 @@ def _principal(tenant: str, token: str) -> Principal:
     )
 
 
-async def test_credential_reused_per_secret(tmp_path):
+def _resolver() -> CredentialResolver:
+    """Build a resolver in auto mode with no secret store and no development key."""
     settings = settings_from_mapping(
         gateway_config("http://127.0.0.1:9", "http://127.0.0.1:9/jwks", "auto"),
         environ={},
     )
-    resolver = CredentialResolver(settings, TenantSecretCache(None, 60), environ={})
+    return CredentialResolver(settings, TenantSecretCache(None, 60), environ={})
+
+
+async def test_credential_reused_per_secret():
+    resolver = _resolver()
     first = await resolver.resolve(_principal("acme", "token-a"))
     again = await resolver.resolve(_principal("acme", "token-a"))
     other = await resolver.resolve(_principal("acme", "token-b"))
@@ -579,11 +584,7 @@ async def test_credential_reused_per_secret(tmp_path):
 
 async def test_credential_reuse_bounded(monkeypatch):
     monkeypatch.setattr(scaiproxy.credentials, "MAX_CREDENTIALS", 3)
-    settings = settings_from_mapping(
-        gateway_config("http://127.0.0.1:9", "http://127.0.0.1:9/jwks", "auto"),
-        environ={},
-    )
-    resolver = CredentialResolver(settings, TenantSecretCache(None, 60), environ={})
+    resolver = _resolver()
     oldest = await resolver.resolve(_principal("acme", "token-0"))
     for number in range(1, 4):
         await resolver.resolve(_principal("acme", f"token-{number}"))
