@@ -10,9 +10,11 @@ through :class:`AccessLineWriter`, which renders the same line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
+import time
 from typing import Any, TextIO
 
 import orjson
@@ -124,20 +126,104 @@ def _json_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
+class LineBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that also takes rendered lines and writes them in batches.
+
+    :meth:`write_line` queues a line. The queue is written once the event loop
+    has run the callbacks that are ready, so all the access lines of one
+    iteration cost one write instead of one system call each (the stream is
+    unbuffered when ``PYTHONUNBUFFERED`` is set, as in many containers).
+    Queued lines are written before any record the handler emits, on
+    :meth:`flush` and at interpreter exit, so lines keep their order and a
+    normal shutdown drops none. Outside an event loop a line is written at once.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._queued: list[str] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+
+    def write_line(self, line: str) -> None:
+        self._queued.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_loop = None
+        self.flush()
+
+    def _write_queued(self) -> None:
+        # The caller holds the handler's lock.
+        if self._queued:
+            text = "".join(self._queued)
+            self._queued.clear()
+            self.stream.write(text)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._write_queued()
+                super().flush()
+            except (OSError, ValueError):
+                # The stream is closed or full; emit would fail the same way.
+                self._queued.clear()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # logging.Handler.handle holds the lock around emit.
+        try:
+            self._write_queued()
+        except (OSError, ValueError):
+            self._queued.clear()
+        super().emit(record)
+
+
+def utc_timestamp() -> str:
+    """Return the time as ISO 8601 in UTC with microseconds, ``...T20:53:03.123456Z``.
+
+    The date and time of day are formatted once a second, so each line only
+    adds its microseconds: 0.7 against 1.7 us for structlog's TimeStamper.
+    """
+    now = time.time()
+    second = int(now)
+    if _formatted_second[0] != second:
+        _formatted_second[:] = second, time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.gmtime(second)
+        )
+    return f"{_formatted_second[1]}.{int((now - second) * 1_000_000):06d}Z"
+
+
+#: The second :func:`utc_timestamp` formatted last, and its text.
+_formatted_second: list[Any] = [-1, ""]
+
+
+def add_timestamp(
+    _logger: Any, _method: str, event_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """structlog processor: the ``timestamp`` field, from :func:`utc_timestamp`."""
+    event_dict["timestamp"] = utc_timestamp()
+    return event_dict
+
+
 class AccessLineWriter:
-    """Writes the per-request access events as JSON lines straight to the stream.
+    """Writes the per-request access events as JSON lines to the handler's queue.
 
     The line is the one the structlog chain renders (fields, event, context
     variables, level, logger, timestamp, secrets redacted), without the two
     stdlib log records and the formatter that the chain builds for every line.
-    Under load those cost more than the rest of the line. The writer holds the
-    handler's lock, so lines never interleave with the chain's own.
+    Under load those cost more than the rest of the line. The handler writes
+    the lines of one event-loop iteration together (see
+    :class:`LineBatchingHandler`).
     """
 
-    def __init__(self, handler: logging.StreamHandler, logger_name: str) -> None:
+    def __init__(self, handler: LineBatchingHandler, logger_name: str) -> None:
         self.handler = handler
         self._logger_name = logger_name
-        self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
 
     def info(self, event: str, **fields: Any) -> None:
         event_dict = fields
@@ -146,17 +232,9 @@ class AccessLineWriter:
             event_dict.setdefault(key, value)
         event_dict["level"] = "info"
         event_dict["logger"] = self._logger_name
-        self._stamp(None, "info", event_dict)
+        event_dict["timestamp"] = utc_timestamp()
         redact_secrets(None, "info", event_dict)
-        line = _json_dumps(event_dict) + "\n"
-        handler = self.handler
-        with handler.lock:  # type: ignore[union-attr]
-            try:
-                handler.stream.write(line)
-                handler.flush()
-            except (OSError, ValueError):
-                # The stream is closed or full, as the handler would find too.
-                pass
+        self.handler.write_line(_json_dumps(event_dict) + "\n")
 
 
 _access_writer: AccessLineWriter | None = None
@@ -181,7 +259,7 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_timestamp,
         structlog.processors.format_exc_info,
         redact_secrets,
     ]
@@ -227,7 +305,7 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # type: ignore[attr-defined]
-    handler = logging.StreamHandler(stream)
+    handler = LineBatchingHandler(stream)
     handler.setFormatter(formatter)
     handler.addFilter(_shorten_parser_error)
     root = logging.getLogger()

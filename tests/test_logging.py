@@ -16,10 +16,12 @@ from conftest import base_config, bearer, mint
 
 from scaiproxy.config import LoggingConfig
 from scaiproxy.logs import (
+    LineBatchingHandler,
     access_line_writer,
     configure_logging,
     redact_secrets,
     redact_text,
+    utc_timestamp,
 )
 
 EVENTS = "/api/v1/scaicore/events"
@@ -474,6 +476,105 @@ def test_access_line_redacts_secrets(log_stream):
     [line] = named(log_stream, "request")
     assert line["path"] == "/x?key=sgk_…1234"
     assert "abcdefghijklmnop" not in log_stream.getvalue()
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes, as the system calls of an unbuffered stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+class ClosedStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise ValueError("I/O operation on closed file")
+
+
+async def test_lines_of_one_iteration_written_in_one_write():
+    stream = CountingStream()
+    handler = LineBatchingHandler(stream)
+    for number in range(20):
+        handler.write_line(f"line {number}\n")
+    assert stream.writes == 0
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    assert stream.getvalue().splitlines() == [f"line {n}" for n in range(20)]
+    handler.write_line("next\n")
+    await asyncio.sleep(0)
+    assert stream.writes == 2
+    assert stream.getvalue().endswith("line 19\nnext\n")
+
+
+async def test_queued_lines_written_before_a_record():
+    stream = io.StringIO()
+    handler = LineBatchingHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.write_line("access\n")
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "warning", None, None)
+    handler.handle(record)
+    assert stream.getvalue() == "access\nwarning\n"
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "access\nwarning\n"
+
+
+def test_line_outside_a_loop_written_at_once():
+    stream = io.StringIO()
+    LineBatchingHandler(stream).write_line("now\n")
+    assert stream.getvalue() == "now\n"
+
+
+async def test_flush_writes_queued_lines():
+    # logging.shutdown flushes every handler at exit, so a normal shutdown
+    # writes what the last iteration queued.
+    stream = io.StringIO()
+    handler = LineBatchingHandler(stream)
+    handler.write_line("last\n")
+    handler.flush()
+    assert stream.getvalue() == "last\n"
+
+
+async def test_closed_stream_drops_queued_lines_quietly():
+    handler = LineBatchingHandler(ClosedStream())
+    handler.write_line("lost\n")
+    await asyncio.sleep(0)
+    handler.flush()
+    assert handler._queued == []
+
+
+async def test_access_lines_from_requests_all_written(log_stream):
+    writer = access_line_writer()
+    for number in range(50):
+        writer.info("request", path=f"/p/{number}", status=200)
+    await asyncio.sleep(0)
+    assert [line["path"] for line in named(log_stream, "request")] == [
+        f"/p/{n}" for n in range(50)
+    ]
+
+
+def test_utc_timestamp_shape_and_value():
+    import datetime
+    import re
+
+    before = datetime.datetime.now(datetime.timezone.utc)
+    text = utc_timestamp()
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text)
+    stamp = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert before - datetime.timedelta(microseconds=1) <= stamp <= after
+
+
+def test_utc_timestamp_follows_the_second(monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    assert utc_timestamp() == "2027-01-15T08:00:00.250000Z"
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_001.999999)
+    assert utc_timestamp() == "2027-01-15T08:00:01.999999Z"
 
 
 def test_access_writer_follows_handler(log_stream):
