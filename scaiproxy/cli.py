@@ -107,12 +107,15 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _routes(args: argparse.Namespace) -> int:
-    from scaiproxy.app import ROUTES, create_app
+    from scaiproxy.plugins import PluginHost
 
     settings = _load(args)
-    app = create_app(settings)
+    # Only the plugins are loaded: listing routes needs no secret store, so
+    # it works without the backend's token in the environment.
+    host = PluginHost(settings)
+    host.configure()
     rows = [("METHOD", "PATH", "PERMISSION", "PLUGIN")]
-    for spec in app[ROUTES]:
+    for spec in host.routes():
         needs = spec.permission or (" or ".join(spec.roles) if spec.roles else "-")
         rows.append((spec.method, settings.server.base_path + spec.path, needs, spec.plugin))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

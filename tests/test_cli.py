@@ -53,6 +53,24 @@ def test_check_config_counts_plugin_routes():
     assert f"{len(listed)} routes" in run("check-config").stdout
 
 
+def test_routes_needs_no_secret_backend_token(tmp_path):
+    path = tmp_path / "vault.yaml"
+    path.write_text(
+        "upstream: {base_url: 'http://127.0.0.1:9'}\n"
+        "auth: {mode: disabled}\n"
+        "plugins: {enabled: [scaicore]}\n"
+        "secrets:\n"
+        "  backend: scaivault\n"
+        "  scaivault: {base_url: 'http://127.0.0.1:9', token_env: NO_SUCH_TOKEN_VAR}\n"
+    )
+    listed = run("routes", "--config", str(path))
+    assert listed.returncode == 0, listed.stderr
+    assert "/api/v1/scaicore/events" in listed.stdout
+    checked = run("check-config", "--config", str(path))
+    assert checked.returncode == 2
+    assert "NO_SUCH_TOKEN_VAR" in checked.stderr
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
