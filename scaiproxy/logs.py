@@ -41,7 +41,7 @@ def _mask(match: re.Match[str]) -> str:
     return "[redacted-jwt]"
 
 
-def _may_hold_secret(text: str) -> bool:
+def may_hold_secret(text: str) -> bool:
     """Tell whether ``text`` contains a start of one of the patterns above.
 
     Most text contains none, and three substring checks cost a fraction of one
@@ -52,7 +52,7 @@ def _may_hold_secret(text: str) -> bool:
 
 def redact_text(text: str) -> str:
     """Mask tokens and keys in free text."""
-    if not _may_hold_secret(text):
+    if not may_hold_secret(text):
         return text
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(_mask, text)
@@ -82,7 +82,7 @@ def redact_secrets(
         elif isinstance(value, dict | list | tuple):
             break
     else:
-        if not _may_hold_secret("\n".join(texts)):
+        if not may_hold_secret("\n".join(texts)):
             return event_dict
     for key, value in event_dict.items():
         if isinstance(value, str | dict | list | tuple):

@@ -23,7 +23,7 @@ from scaiproxy.errors import (
     PAYLOAD_TOO_LARGE,
     ProxyError,
 )
-from scaiproxy.logs import access_line_writer
+from scaiproxy.logs import access_line_writer, may_hold_secret
 
 if TYPE_CHECKING:
     from scaiproxy.metrics import Metrics
@@ -54,9 +54,17 @@ def route_spec(request: web.Request) -> RouteSpec | None:
 
 
 def request_id_for(request: web.Request) -> str:
-    """Keep a well-formed incoming ``X-Request-ID``, otherwise make a new one."""
+    """Keep a well-formed incoming ``X-Request-ID``, otherwise make a new one.
+
+    An id that looks like a token or a key is replaced too: it would be echoed
+    to the client and sent to ScaiGrid, while the log lines show it redacted.
+    """
     values = request.headers.getall(REQUEST_ID_HEADER, ())
-    if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
+    if (
+        len(values) == 1
+        and _REQUEST_ID.fullmatch(values[0])
+        and not may_hold_secret(values[0])
+    ):
         return values[0]
     # 128 random bits as 32 hex digits, the shape of uuid4().hex. An id only
     # correlates log lines, so it need not be unpredictable, and the random

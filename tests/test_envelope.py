@@ -475,6 +475,9 @@ REPLACED_IDS = [
     "caf\u00e9",
     "abc%0D%0AX-Evil: 1",
     "<script>",
+    # Shaped like a JWT and like a ScaiGrid key: never echoed or forwarded.
+    "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+    "sgk_" + "a" * 36,
 ]
 
 
