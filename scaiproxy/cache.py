@@ -7,13 +7,13 @@ and checkpoint pages when an operator enables it.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from scaiproxy.credentials import Credential
     from scaiproxy.routes import Call, RawJSON
 
 CacheKey = tuple[str, str, bytes]
@@ -42,10 +42,10 @@ class ResponseCache:
         return self.ttl_s > 0
 
     @staticmethod
-    def key(route: str, url: str, authorization: str) -> CacheKey:
-        # SECURITY: the credential is part of the key, hashed so that the cache
-        # contains no token or key in the clear.
-        return (route, url, hashlib.sha256(authorization.encode()).digest())
+    def key(route: str, url: str, credential: Credential) -> CacheKey:
+        # SECURITY: the credential is part of the key as its SHA-256, so the
+        # cache contains no token or key in the clear.
+        return (route, url, credential.digest)
 
     def get(self, key: CacheKey) -> bytes | None:
         entry = self._entries.get(key)
@@ -95,7 +95,7 @@ async def through_cache(
 
     credential = await call.upstream.credential_for_call()
     url = str(upstream_url(credential.base_url, path, params))
-    key = cache.key(call.route.name, url, credential.authorization)
+    key = cache.key(call.route.name, url, credential)
     encoded = cache.get(key)
     if encoded is not None:
         metrics = call.request.app[METRICS]

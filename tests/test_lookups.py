@@ -13,6 +13,7 @@ from conftest import base_config, bearer, mint
 
 from scaiproxy.app import create_app
 from scaiproxy.config import LoggingConfig, settings_from_mapping
+from scaiproxy.credentials import Credential
 from scaiproxy.errors import ConfigError
 from scaiproxy.logs import configure_logging
 from scaiproxy_lookups import is_active_bunker, normalise_model
@@ -831,10 +832,25 @@ async def test_cache_is_per_route_url(cached_gateway, upstream, token):
     assert await data_of(scope_2) == []
 
 
+def credential(authorization: str) -> Credential:
+    return Credential("tenant_key", authorization, "http://up", "…")
+
+
+def test_cache_keys_differ_by_credential():
+    cache = ResponseCache(30, 10)
+    first = cache.key("route", "http://up/x", credential("Bearer one"))
+    second = cache.key("route", "http://up/x", credential("Bearer two"))
+    cache.put(first, b"[1]")
+
+    assert first != second
+    assert cache.get(second) is None
+    assert cache.get(first) == b"[1]"
+
+
 def test_cache_expires():
     now = [100.0]
     cache = ResponseCache(30, 10, clock=lambda: now[0])
-    key = cache.key("lookups.scopes", "http://up/v1/x", "Bearer t")
+    key = cache.key("lookups.scopes", "http://up/v1/x", credential("Bearer t"))
     cache.put(key, b"[]")
 
     now[0] = 129.9
@@ -845,7 +861,7 @@ def test_cache_expires():
 
 def test_cache_drops_oldest():
     cache = ResponseCache(30, 2)
-    keys = [cache.key("route", f"http://up/{n}", "Bearer t") for n in range(3)]
+    keys = [cache.key("route", f"http://up/{n}", credential("Bearer t")) for n in range(3)]
     for key in keys:
         cache.put(key, b"[]")
 
@@ -855,7 +871,9 @@ def test_cache_drops_oldest():
 
 
 def test_cache_key_hides_credential():
-    key = ResponseCache.key("route", "http://up/x", "Bearer sgk_secret_value_1234")
+    key = ResponseCache.key(
+        "route", "http://up/x", credential("Bearer sgk_secret_value_1234")
+    )
 
     assert b"sgk_secret" not in key[2]
     assert "sgk_secret" not in repr(key)
