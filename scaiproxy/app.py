@@ -187,6 +187,8 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 
 async def _mark_not_ready(app: web.Application) -> None:
     app[STATE]["ready"] = False
+    # Handlers cancelled from now on are cut off by the shutdown, not by clients.
+    app[STATE]["stopping"] = True
 
 
 def _add_operational_routes(

@@ -37,6 +37,9 @@ _access_logger = logging.getLogger("scaiproxy.request")
 REQUEST_ID_HEADER = "X-Request-ID"
 #: The status logged when the client closed the connection before the response.
 CLIENT_CLOSED_REQUEST = 499
+#: The status logged for a request that the gateway's shutdown cut off; its
+#: client sees the connection close without a response.
+CUT_OFF_AT_SHUTDOWN = 503
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Keys of per-request state in the aiohttp request mapping.
@@ -94,7 +97,7 @@ def gateway_middleware(metrics: Metrics) -> Any:
     The steps share one coroutine because each middleware layer costs a frame
     and a lookup of the route on every request.
     """
-    from scaiproxy.app import DEV_PRINCIPAL, VERIFIER
+    from scaiproxy.app import DEV_PRINCIPAL, STATE, VERIFIER
 
     async def authenticate(request: web.Request, spec: RouteSpec) -> None:
         app = request.app
@@ -114,6 +117,7 @@ def gateway_middleware(metrics: Metrics) -> Any:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
+        cancelled = False
         try:
             response = await _errors_enveloped(request, spec, handler, authenticate)
             status = response.status
@@ -127,6 +131,7 @@ def gateway_middleware(metrics: Metrics) -> Any:
             raise
         except asyncio.CancelledError:
             status = CLIENT_CLOSED_REQUEST
+            cancelled = True
             raise
         finally:
             duration = time.perf_counter() - started
@@ -136,6 +141,17 @@ def gateway_middleware(metrics: Metrics) -> Any:
                 # The client left before the response was sent: 499, as nginx logs it.
                 status = CLIENT_CLOSED_REQUEST
             route = spec.name if spec else _system_route(request)
+            if cancelled and request.app[STATE].get("stopping"):
+                # The gateway's own shutdown cancelled the handler, not the client.
+                status = CUT_OFF_AT_SHUTDOWN
+                disconnected = False
+                log.warning(
+                    "request_cut_off",
+                    route=route,
+                    method=request.method,
+                    path=request.path[:512],
+                    duration_ms=round(duration * 1000, 3),
+                )
             metrics.child(metrics.requests, route, request.method, str(status)).inc()
             metrics.child(metrics.duration, route).observe(duration)
             _access_event(request, spec, route, status, duration, disconnected)

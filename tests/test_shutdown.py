@@ -15,6 +15,7 @@ the readiness flag in process instead.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from typing import Any
@@ -156,6 +157,18 @@ async def test_sigterm_bounded_by_timeout(
     assert exited_after < short_timeout_s + EXIT_MARGIN_S
     # The client gets a closed connection or an error, never a hang.
     assert isinstance(outcome[0], Exception) or outcome[0][0] != 200
+    lines = [json.loads(line) for line in gateway.log_text().splitlines()]
+    [cut_off] = [line for line in lines if line["event"] == "request_cut_off"]
+    assert cut_off["level"] == "warning"
+    assert cut_off["route"] == "scaicore.invoke"
+    [request] = [
+        line
+        for line in lines
+        if line["event"] == "request" and line["route"] == "scaicore.invoke"
+    ]
+    # The shutdown cut it off: not logged as the client's disconnect (499).
+    assert request["status"] == 503
+    assert not [line for line in lines if line["event"] == "client_disconnected"]
 
 
 async def test_sigterm_when_idle_exits_fast(upstream, jwks_server, gateway_process):
