@@ -77,6 +77,11 @@ class Credential:
     def is_user_token(self) -> bool:
         return self.source == USER_JWT
 
+    @property
+    def secret(self) -> str:
+        """The token or key itself, without the ``Bearer`` scheme."""
+        return self.authorization.partition(" ")[2]
+
     @functools.cached_property
     def digest(self) -> bytes:
         """The SHA-256 of the Authorization value, to key shared work by credential."""

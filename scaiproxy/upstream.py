@@ -11,7 +11,9 @@ ScaiGrid's own 4xx as ``upstream_error``, rejected keys as
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from scaiproxy.errors import (
     UPSTREAM_TIMEOUT,
     ProxyError,
 )
+from scaiproxy.logs import redact_text
 
 if TYPE_CHECKING:
     from scaiproxy.metrics import Metrics
@@ -232,10 +235,8 @@ class UpstreamClient:
             self.metrics.child(self.metrics.upstream_duration, route).observe(
                 duration_ms / 1000
             )
-            self.metrics.child(
-                self.metrics.upstream_requests, route, str(status)
-            ).inc()
-        upstream_request_id = _text(response_headers.get("X-Request-ID"))
+            self.metrics.child(self.metrics.upstream_requests, route, str(status)).inc()
+        upstream_request_id = _shown(response_headers.get("X-Request-ID"), credential)
         if 200 <= status < 300:
             return UpstreamResponse(
                 status, response_headers, payload, duration_ms, upstream_request_id
@@ -288,7 +289,13 @@ class UpstreamClient:
         route: str,
     ) -> ProxyError:
         code, message, upstream_request_id, retry_after = _scaigrid_error(payload)
-        upstream_request_id = upstream_request_id or _text(headers.get("X-Request-ID"))
+        # SECURITY: ScaiGrid may echo the credential it was sent, and the caller
+        # must never see a tenant key: every string shown passes through _shown.
+        code = _shown(code, credential)
+        message = _shown(message, credential, 500)
+        upstream_request_id = _shown(
+            upstream_request_id or headers.get("X-Request-ID"), credential
+        )
         log.warning(
             "upstream_error_status",
             route=route,
@@ -303,18 +310,23 @@ class UpstreamClient:
             passed = {
                 name: value
                 for name, value in headers.items()
-                if name.lower().startswith(_RATE_LIMIT_PREFIX) and _header_safe(value)
+                if name.lower().startswith(_RATE_LIMIT_PREFIX)
+                and _header_safe(value)
+                and _shown(value, credential, 256) == value
             }
-            retry = headers.get("Retry-After") or (
-                str(retry_after) if retry_after is not None else None
-            )
-            if retry and _header_safe(retry):
+            retry = _retry_after(headers.get("Retry-After"), retry_after)
+            if retry is not None:
                 passed["Retry-After"] = retry
             return ProxyError(
                 429,
                 RATE_LIMITED,
                 message or "ScaiGrid rate-limited this tenant.",
-                fix="Wait for the time in Retry-After, then try again.",
+                fix=(
+                    "Wait for the time in Retry-After, then try again."
+                    if retry is not None
+                    else "Wait a few seconds, then try again; ScaiGrid sent no "
+                    "retry time."
+                ),
                 upstream_code=code,
                 upstream_request_id=upstream_request_id,
                 headers=passed,
@@ -354,8 +366,8 @@ class UpstreamClient:
             upstream_status=status,
             upstream_request_id=upstream_request_id,
         )
-        retry = headers.get("Retry-After")
-        if status == 503 and retry and _header_safe(retry):
+        retry = _retry_after(headers.get("Retry-After"), None)
+        if status == 503 and retry is not None:
             error.headers["Retry-After"] = retry
         return error
 
@@ -366,6 +378,39 @@ class _TooLarge(aiohttp.ClientError):
 
 def _header_safe(value: str) -> bool:
     return len(value) <= 256 and all(32 <= ord(ch) < 127 for ch in value)
+
+
+#: The largest Retry-After passed on, in seconds: one day.
+MAX_RETRY_AFTER_S = 86_400
+
+
+def _retry_after(header: str | None, seconds: Any) -> str | None:
+    """Return a valid ``Retry-After`` from ScaiGrid's header or its body's
+    ``retry_after`` seconds, or ``None`` when neither is one.
+
+    The header may be whole seconds or an HTTP date; seconds from the body must
+    be a finite number of at least zero and are rounded up. Both are capped at
+    one day, so a value such as ``1e999`` or ``-5`` never reaches the caller.
+    """
+    if header is not None:
+        header = header.strip()
+        if header.isascii() and header.isdigit():
+            return str(min(int(header), MAX_RETRY_AFTER_S))
+        if _header_safe(header):
+            try:
+                email.utils.parsedate_to_datetime(header)
+            except (TypeError, ValueError, IndexError):
+                pass
+            else:
+                return header
+    if (
+        isinstance(seconds, int | float)
+        and not isinstance(seconds, bool)
+        and math.isfinite(seconds)
+        and seconds >= 0
+    ):
+        return str(min(math.ceil(seconds), MAX_RETRY_AFTER_S))
+    return None
 
 
 def _scaigrid_error(payload: bytes) -> tuple[str | None, str | None, str | None, Any]:
@@ -381,17 +426,37 @@ def _scaigrid_error(payload: bytes) -> tuple[str | None, str | None, str | None,
     code = message = request_id = retry_after = None
     if isinstance(error, dict):
         code = _text(error.get("code"))
-        message = _text(error.get("message"), 500)
+        message = _text(error.get("message"))
         retry_after = error.get("retry_after")
-        if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
-            retry_after = None
     if isinstance(meta, dict):
         request_id = _text(meta.get("request_id"))
     return code, message, request_id, retry_after
 
 
-def _text(value: Any, limit: int = 128) -> str | None:
-    return value[:limit] if isinstance(value, str) else None
+def _text(value: Any) -> str | None:
+    # Long enough for what is shown (500 characters at most) and for a secret
+    # that straddles that limit, so _shown still finds all of it.
+    return value[:4096] if isinstance(value, str) else None
+
+
+def _shown(value: Any, credential: Credential, limit: int = 128) -> str | None:
+    """Return a string from ScaiGrid made safe to show the caller and to log.
+
+    The credential's own secret becomes its masked form, anything else shaped
+    like a token or a key is redacted, and text that is not valid Unicode
+    (lone surrogates, from bytes that are not UTF-8) gets U+FFFD. The limit
+    applies last, so that a cut never hides part of a secret from the checks.
+    """
+    if not isinstance(value, str):
+        return None
+    value = value[:4096]
+    secret = credential.secret
+    if secret and secret in value:
+        value = value.replace(secret, credential.masked)
+    value = redact_text(value)
+    if not value.isascii():
+        value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return value[:limit]
 
 
 def upstream_url(

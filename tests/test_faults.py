@@ -410,6 +410,26 @@ async def test_unavailable_keeps_retry_after(
     assert detail["upstream_request_id"] == "sg-503"
 
 
+async def request_id_not_utf8(reader, writer) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    length = f"Content-Length: {len(EMPTY_PAGE)}\r\n".encode()
+    writer.write(head + length + b"X-Request-ID: sg\xff\xfe\r\n\r\n" + EMPTY_PAGE)
+    await writer.drain()
+
+
+async def test_request_id_not_utf8_logged(
+    make_gateway, raw_upstream, jwks_server, token, log_stream
+):
+    client = await make_gateway(fault_config(raw_upstream.base_url, jwks_server.url))
+    raw_upstream.fault = request_id_not_utf8
+    response = await client.get(EVENTS, headers=bearer(token))
+    await asyncio.sleep(0)
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    [line] = [line for line in lines if line["event"] == "request"]
+    assert response.status == 200
+    assert line["upstream_request_id"].startswith("sg")
+
+
 async def test_over_limit_names_limit(make_gateway, raw_upstream, jwks_server, token):
     raw = fault_config(
         raw_upstream.base_url, jwks_server.url, max_response_bytes=LIMIT_BELOW_PAGE

@@ -886,3 +886,123 @@ async def test_200_concurrent_polls_few_upstream_calls(gateway, upstream, token)
     assert [response.status for response in responses] == [200] * 200
     assert all(body == PAGE for body in bodies)
     assert len(upstream.requests) <= 5
+
+
+# --- what ScaiGrid echoes back -------------------------------------------------
+
+
+async def test_echoed_key_never_shown(key_gateway, upstream, token, log_stream):
+    upstream.route(
+        "GET",
+        EVENTS_UP,
+        json_body={
+            "status": "error",
+            "error": {
+                "code": ENV_KEY,
+                "message": f"Credential Bearer {ENV_KEY} is not allowed here",
+            },
+            "meta": {"request_id": ENV_KEY},
+        },
+        status=400,
+    )
+    response = await key_gateway.get(EVENTS, headers=bearer(token))
+    text = await response.text()
+    detail = json.loads(text)["detail"]
+    assert response.status == 400
+    assert ENV_KEY[4:24] not in text
+    assert detail["message"].endswith(" is not allowed here")
+    assert ENV_KEY[4:24] not in log_stream.getvalue()
+
+
+async def test_echoed_key_in_headers_dropped(key_gateway, upstream, token):
+    upstream.route(
+        "GET",
+        EVENTS_UP,
+        json_body={"status": "error", "error": {"code": "rate_limited"}},
+        status=429,
+        headers={
+            "X-Scaigrid-Ratelimit-Key": ENV_KEY,
+            "X-Scaigrid-Ratelimit-Limit": "100",
+            "X-Request-ID": ENV_KEY,
+        },
+    )
+    response = await key_gateway.get(EVENTS, headers=bearer(token))
+    text = await response.text()
+    assert response.status == 429
+    assert "X-Scaigrid-Ratelimit-Key" not in response.headers
+    assert response.headers["X-Scaigrid-Ratelimit-Limit"] == "100"
+    assert ENV_KEY[4:24] not in text
+    assert ENV_KEY[4:24] not in json.dumps(dict(response.headers))
+
+
+async def test_echoed_token_redacted_before_cut(gateway, upstream, token, log_stream):
+    # Cut to 128 characters first, the token would no longer look like one.
+    upstream.route(
+        "GET",
+        EVENTS_UP,
+        json_body=scaigrid_error("not_found", "no run", request_id=token),
+        status=404,
+    )
+    response = await gateway.get(EVENTS, headers=bearer(token))
+    detail = await detail_of(response)
+    assert response.status == 404
+    assert token[:40] not in json.dumps(detail)
+    assert token[:40] not in log_stream.getvalue()
+
+
+async def test_surrogate_from_scaigrid_logged(gateway, upstream, token, log_stream):
+    raw_route(
+        upstream,
+        "GET",
+        EVENTS_UP,
+        b'{"error":{"code":"\\ud800","message":"gone"},"meta":{"request_id":"\\ud800x"}}',
+        status=404,
+    )
+    response = await gateway.get(EVENTS, headers=bearer(token))
+    detail = await detail_of(response)
+    await asyncio.sleep(0)
+    assert response.status == 404
+    assert detail["upstream_request_id"].endswith("x")
+    assert "\ud800" not in detail["upstream_request_id"]
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    assert [line["status"] for line in lines if line["event"] == "request"] == [404]
+    assert [line["event"] for line in lines].count("upstream_error_status") == 1
+
+
+@pytest.mark.parametrize(
+    "header, body_seconds, expected",
+    [
+        ("7", None, "7"),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", None, "Wed, 21 Oct 2026 07:28:00 GMT"),
+        ("soon", None, None),
+        ("-5", None, None),
+        (None, 2.5, "3"),
+        (None, 1e999, None),
+        (None, -5, None),
+        (None, True, None),
+        (None, 10**12, "86400"),
+        ("999999999999", None, "86400"),
+    ],
+)
+async def test_retry_after_checked(
+    gateway, upstream, token, header, body_seconds, expected
+):
+    error: dict[str, Any] = {"code": "rate_limited"}
+    if body_seconds is not None:
+        error["retry_after"] = body_seconds
+    raw_route(
+        upstream,
+        "GET",
+        EVENTS_UP,
+        json.dumps({"status": "error", "error": error}).encode(),
+        status=429,
+        headers={"Retry-After": header} if header is not None else None,
+    )
+    response = await gateway.get(EVENTS, headers=bearer(token))
+    detail = await detail_of(response)
+    assert response.status == 429
+    assert response.headers.get("Retry-After") == expected
+    if expected is None:
+        assert "Retry-After" not in detail["fix"]
+    else:
+        assert "Retry-After" in detail["fix"]
