@@ -197,6 +197,17 @@ def _names(value: Any) -> list[str]:
     return []
 
 
+def _is_unicode(text: str) -> bool:
+    """Tell whether ``text`` encodes as UTF-8, that is, has no lone surrogate."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def valid_tenant_id(value: str) -> bool:
     # SECURITY: the tenant id becomes part of secret store paths.
     return value not in (".", "..") and TENANT_ID_PATTERN.fullmatch(value) is not None
@@ -560,6 +571,20 @@ class TokenVerifier:
         roles, permissions = permissions_from_claims(
             claims, self._config.role_permissions
         )
+        # A JSON string may hold a lone surrogate escape ("\ud800"), which no
+        # UTF-8 response or log line can carry.
+        texts = [
+            ("sub", sub),
+            ("partner_id", partner),
+            *(("roles", role) for role in roles),
+        ]
+        texts.extend(("permissions", permission) for permission in permissions)
+        for claim, text in texts:
+            if isinstance(text, str) and not _is_unicode(text):
+                raise invalid_token(
+                    f"The token's {claim!r} claim is not valid Unicode text "
+                    "(it contains a lone surrogate escape)."
+                )
         return Principal(
             sub=sub,
             tenant_id=tenant_id,

@@ -11,6 +11,7 @@ through :class:`AccessLineWriter`, which renders the same line.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import sys
@@ -123,7 +124,13 @@ def _shorten_parser_error(record: logging.LogRecord) -> bool:
 
 
 def _json_dumps(value: Any, **_: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except TypeError:
+        # orjson rejects lone surrogates (text from bytes that are not UTF-8) and
+        # integers beyond 64 bits; the standard library escapes the first and
+        # writes the second, so the line stays one valid JSON object.
+        return json.dumps(value, default=str, separators=(",", ":"))
 
 
 class LineBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -192,8 +199,9 @@ def utc_timestamp() -> str:
     now = time.time()
     second = int(now)
     if _formatted_second[0] != second:
-        _formatted_second[:] = second, time.strftime(
-            "%Y-%m-%dT%H:%M:%S", time.gmtime(second)
+        _formatted_second[:] = (
+            second,
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
         )
     return f"{_formatted_second[1]}.{int((now - second) * 1_000_000):06d}Z"
 

@@ -923,3 +923,35 @@ def test_auth_defaults():
     assert dict(auth.role_permissions) == {
         role: tuple(grants) for role, grants in DEFAULT_ROLE_PERMISSIONS.items()
     }
+
+
+# Claims that no response or log line can carry
+
+
+@pytest.mark.parametrize(
+    "claims, named",
+    [
+        ({"sub": "\ud800"}, "'sub'"),
+        ({"partner_id": "p-\udfff"}, "'partner_id'"),
+        ({"roles": ["viewer\ud800"]}, "'roles'"),
+        ({"permissions": ["scaicore:view", "x\ud800"]}, "'permissions'"),
+    ],
+    ids=["sub", "partner_id", "roles", "permissions"],
+)
+async def test_lone_surrogate_claim_rejected(gateway, rsa_key, claims, named):
+    message = await expect_invalid(gateway, mint(rsa_key, **claims))
+    assert named in message
+    assert "Unicode" in message
+
+
+@pytest.mark.parametrize("sub", [123, ["a"], {"id": "a"}, True])
+async def test_sub_not_string_rejected(gateway, rsa_key, sub):
+    # PyJWT checks the type of sub itself.
+    message = await expect_invalid(gateway, mint(rsa_key, sub=sub))
+    assert "must be a string" in message
+
+
+async def test_non_ascii_sub_accepted(gateway, rsa_key):
+    status, body, _ = await get_me(gateway, bearer(mint(rsa_key, sub="jürgen-ü")))
+    assert status == 200
+    assert body["data"]["sub"] == "jürgen-ü"
