@@ -49,33 +49,35 @@ class GatewayRequestHandler(web_protocol.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> Response:
+        request_id = uuid.uuid4().hex
+        # The id is on the log line too, so the response's X-Request-ID finds it.
+        extra = {"request_id": request_id}
         if self._request_count == 1 and isinstance(exc, BadHttpMethod):
             # Non-HTTP traffic on the port (TLS, scanners): not worth an INFO line.
-            self.logger.debug("Error handling request", exc_info=exc)
+            self.logger.debug("Error handling request", exc_info=exc, extra=extra)
         else:
-            self.log_exception("Error handling request", exc_info=exc)
+            self.log_exception("Error handling request", exc_info=exc, extra=extra)
         if request.writer.output_size > 0:
             raise ConnectionError("the response was already partly sent")
 
         phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
         if status >= 500:
             code, text = "internal_error", "The gateway failed to handle this request."
+            fix = "Try again; if it persists, report the X-Request-ID to the operators."
         else:
             code = "bad_request"
             text = (
-                f"The request is not valid HTTP ({phrase or status}): a header or "
-                "the request line is malformed or longer than 16 KiB."
+                f"The request is not valid HTTP ({phrase or status}): the request "
+                "line or a header is malformed or longer than 16 KiB, or there are "
+                "more than 128 header lines."
             )
-        detail = {
-            "error": code,
-            "message": text,
-            "fix": "Send a well-formed HTTP/1.1 request.",
-        }
+            fix = "Send a well-formed HTTP/1.1 request."
+        detail = {"error": code, "message": text, "fix": fix}
         response = Response(
             status=status,
             body=jsonutil.dumps({"detail": detail}),
             content_type="application/json",
-            headers={"X-Request-ID": uuid.uuid4().hex, "Server": "scaiproxy"},
+            headers={"X-Request-ID": request_id, "Server": "scaiproxy"},
         )
         response.force_close()
         return response

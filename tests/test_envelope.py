@@ -790,3 +790,35 @@ def test_raw_json_envelope_built_once():
     body = value.enveloped()
     assert body == b'{"data":[{"n":123456789012345678901234567890}]}'
     assert value.enveloped() is body
+
+
+# --- requests that aiohttp's parser rejects ------------------------------------
+
+
+def response_head(raw: bytes) -> dict[str, str]:
+    lines = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return {
+        name.lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines)
+    }
+
+
+async def test_rejected_request_id_logged(client, log_stream):
+    raw = await raw_exchange(
+        client, b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Bad: a\x01b\r\n\r\n"
+    )
+    request_id = response_head(raw)["x-request-id"]
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    [rejected] = [line for line in lines if line["event"] == "http_request_rejected"]
+    assert raw.startswith(b"HTTP/1.0 400")
+    assert rejected["request_id"] == request_id
+
+
+async def test_too_many_headers_explained(client):
+    headers = b"".join(b"X-H%d: v\r\n" % number for number in range(129))
+    raw = await raw_exchange(
+        client, b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + headers + b"\r\n"
+    )
+    body = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    assert raw.startswith(b"HTTP/1.0 400")
+    assert "more than 128 header lines" in body["detail"]["message"]
