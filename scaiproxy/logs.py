@@ -151,7 +151,10 @@ class LineBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def write_line(self, line: str) -> None:
-        self._queued.append(line)
+        # Under the lock: a record emitted from another thread writes the
+        # queue, and an append between its join and its clear would be lost.
+        with self.lock:  # type: ignore[union-attr]
+            self._queued.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

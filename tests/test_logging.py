@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import sys
 from typing import Any
 
 import pytest
@@ -601,3 +602,37 @@ def test_console_format_has_no_access_writer():
                 root.removeHandler(handler)
         root.setLevel(level)
         structlog.reset_defaults()
+
+
+async def test_lines_and_thread_records_all_written():
+    import threading
+
+    stream = io.StringIO()
+    handler = LineBatchingHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit_records() -> None:
+        for number in range(2000):
+            record = logging.LogRecord(
+                "x", logging.WARNING, __file__, 1, f"record {number}", None, None
+            )
+            handler.handle(record)
+
+    thread = threading.Thread(target=emit_records)
+    # Switch threads as often as possible while both write.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        thread.start()
+        for number in range(2000):
+            handler.write_line(f"line {number}\n")
+            if number % 50 == 0:
+                await asyncio.sleep(0)
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    handler.flush()
+    written = stream.getvalue().splitlines()
+    assert sorted(written) == sorted(
+        [f"line {n}" for n in range(2000)] + [f"record {n}" for n in range(2000)]
+    )
