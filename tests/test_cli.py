@@ -153,3 +153,53 @@ async def test_demo_end_to_end(tmp_path):
         process.wait(timeout=20)
         log.close()
     assert process.returncode == 0
+
+
+# The console script that pip installs, as a user types it.
+SCAIPROXY_SCRIPT = Path(sys.executable).with_name("scaiproxy")
+
+
+def run_script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SCAIPROXY_SCRIPT), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_sim_help_names_scaiproxy_sim():
+    result = run_script("sim", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: scaiproxy sim ")
+
+
+def test_sim_bad_option_names_scaiproxy_sim():
+    result = run_script("sim", "--error-rate", "2")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: scaiproxy sim ")
+    assert "scaiproxy sim: error: " in result.stderr
+
+
+def test_sim_busy_port_names_scaiproxy_sim():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_script("sim", "--port", str(port), timeout=30)
+    assert result.returncode == 1
+    assert f"scaiproxy sim: error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_simulator_module_help_names_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "scaiproxy.simulator", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m scaiproxy.simulator ")

@@ -4,4 +4,4 @@ import sys
 
 from scaiproxy.simulator import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m scaiproxy.simulator"))

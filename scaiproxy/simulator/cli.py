@@ -15,13 +15,16 @@ from scaiproxy.simulator.server import Simulator
 logger = logging.getLogger("scaiproxy.simulator")
 
 DEFAULT_PORT = 8701
+# The program name in usage lines and errors. ``scaiproxy sim`` calls main()
+# with the options after "sim" and no program name, so the default is its own.
+DEFAULT_PROG = "scaiproxy sim"
 # The printed token lasts a working day, so a demo does not need a new one.
 PRINTED_TOKEN_TTL_S = 24 * 3600
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m scaiproxy.simulator",
+        prog=prog,
         description=(
             "Run stand-ins for ScaiGrid, ScaiKey and ScaiVault on one port, for "
             "development and tests. Its test controls need no credentials, so "
@@ -89,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, run the simulator until a stop signal, return the exit code."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = DEFAULT_PROG) -> int:
+    """Parse ``argv``, run the simulator until a stop signal, return the exit code.
+
+    ``prog`` is the command the user typed, shown in usage lines and errors.
+    """
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         options = SimOptions(
@@ -124,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(Simulator(options), args.host, args.port))
     except OSError as exc:
         print(
-            f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+            f"{prog}: error: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
         )
         return 1
     return 0
