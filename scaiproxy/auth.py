@@ -636,9 +636,10 @@ def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
 
 
 def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
+    # Absent is allowed (except for exp); a JSON null is not a time.
+    if name not in claims:
         return None
+    value = claims[name]
     problem = invalid_token(f"The token's '{name}' claim is not a number of seconds.")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise problem

@@ -955,3 +955,15 @@ async def test_non_ascii_sub_accepted(gateway, rsa_key):
     status, body, _ = await get_me(gateway, bearer(mint(rsa_key, sub="jürgen-ü")))
     assert status == 200
     assert body["data"]["sub"] == "jürgen-ü"
+
+
+@pytest.mark.parametrize("name", ["iat", "nbf", "exp"])
+async def test_null_time_claim_rejected(gateway, rsa_key, name):
+    token = jwt.encode(
+        claims(**{name: None}),
+        rsa_key.private_key,
+        algorithm="RS256",
+        headers={"kid": rsa_key.kid},
+    )
+    message = await expect_invalid(gateway, token)
+    assert f"'{name}'" in message
