@@ -955,3 +955,88 @@ async def test_openapi_lists_routes(gateway):
     ):
         assert paths[path]["get"]["tags"] == ["lookups"]
         assert "scaicore:view" in paths[path]["get"]["description"]
+
+
+# Bunker fields of the wrong type
+
+BUNKER_LIST = "/api/v1/scaibunker/bunkers"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"status": ["running"], "lifecycle": "persistent"},
+            "'status' of bunker 2 is an array",
+        ),
+        ({"status": {"state": "running"}}, "'status' of bunker 2 is an object"),
+        ({"status": 1, "lifecycle": "persistent"}, "'status' of bunker 2 is a number"),
+        ({"status": True}, "'status' of bunker 2 is a boolean"),
+        (
+            {"status": "stopped", "lifecycle": ["persistent"]},
+            "'lifecycle' of bunker 2 is an array",
+        ),
+        (
+            {"status": "running", "lifecycle": 7.5},
+            "'lifecycle' of bunker 2 is a number",
+        ),
+    ],
+    ids=[
+        "status-array",
+        "status-object",
+        "status-number",
+        "status-bool",
+        "lifecycle-array",
+        "lifecycle-number",
+    ],
+)
+async def test_bunker_field_type_is_bad_gateway(
+    gateway, upstream, token, fields, expected
+):
+    entries = [bunker("ephemeral", "running"), {"bunker_id": "bnk_bad", **fields}]
+    upstream.route("GET", BUNKERS, json_body={"data": entries})
+
+    response = await gateway.get(BUNKER_LIST, headers=bearer(token))
+    detail = (await response.json())["detail"]
+
+    assert response.status == 502
+    assert detail["error"] == "bad_gateway"
+    assert expected in detail["message"]
+
+
+async def test_bunker_field_type_logged(gateway, upstream, token, log_warnings):
+    upstream.route("GET", BUNKERS, json_body={"data": [{"status": ["running"]}]})
+
+    response = await gateway.get(BUNKER_LIST, headers=bearer(token))
+
+    assert response.status == 502
+    [line] = log_warnings("upstream_bad_shape")
+    assert line["problem"] == "'status' of bunker 1 is an array, not a string"
+
+
+async def test_bunker_field_type_on_later_page(gateway, upstream, token):
+    pages = {
+        None: {"data": [bunker("persistent", "running")], "next_cursor": "p2"},
+        "p2": {"data": [bunker("persistent", "running"), {"lifecycle": {}}]},
+    }
+    upstream.route("GET", BUNKERS, paged(pages))
+
+    response = await gateway.get(BUNKER_LIST, headers=bearer(token))
+    detail = (await response.json())["detail"]
+
+    assert response.status == 502
+    assert "'lifecycle' of bunker 3 is an object" in detail["message"]
+
+
+async def test_bunker_null_fields_filtered(gateway, upstream, token):
+    entries = [
+        {"bunker_id": "bnk_1", "lifecycle": "persistent", "status": None},
+        {"bunker_id": "bnk_2", "lifecycle": None, "status": "running"},
+        {"bunker_id": "bnk_3", "lifecycle": None, "status": None},
+    ]
+    upstream.route("GET", BUNKERS, json_body={"data": entries})
+
+    response = await gateway.get(BUNKER_LIST, headers=bearer(token))
+    data = await data_of(response)
+
+    assert [entry["bunker_id"] for entry in data] == ["bnk_1", "bnk_2"]

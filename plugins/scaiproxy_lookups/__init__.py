@@ -158,15 +158,47 @@ async def _queue_list(call: Call, path: str) -> list[dict[str, Any]]:
 
 
 def is_active_bunker(bunker: dict[str, Any]) -> bool:
-    """Tell whether a bunker is running or ready, or persistent and not ended."""
+    """Tell whether a bunker is running or ready, or persistent and not ended.
+
+    ``status`` and ``lifecycle`` must each be a string, null or absent, as
+    :func:`_bunker_problem` checks.
+    """
     status = bunker.get("status")
     if status in ACTIVE_STATUSES:
         return True
     return bunker.get("lifecycle") == "persistent" and status not in TERMINAL_STATUSES
 
 
+def _bunker_problem(bunker: dict[str, Any], number: int) -> str | None:
+    """Describe why bunker ``number`` (from 1) cannot be filtered, or return None."""
+    for key in ("status", "lifecycle"):
+        value = bunker.get(key)
+        if value is not None and not isinstance(value, str):
+            return f"'{key}' of bunker {number} is {_json_type(value)}, not a string"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    """Name the JSON type of a decoded value, with its article."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string" if isinstance(value, str) else "null"
+
+
 async def _bunker_list(call: Call, path: str) -> list[dict[str, Any]]:
-    bunkers = await _all_items(call, path, "a bunker list")
+    what = "a bunker list"
+    bunkers = await _all_items(call, path, what)
+    for number, bunker in enumerate(bunkers, start=1):
+        problem = _bunker_problem(bunker, number)
+        if problem is not None:
+            # A list or an object in "status" would otherwise crash the filter.
+            raise shape_error(call, what, problem)
     return [bunker for bunker in bunkers if is_active_bunker(bunker)]
 
 
