@@ -315,6 +315,14 @@ def load_settings(
         ) from None
     try:
         raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+    except _NestedTooDeeply as exc:
+        mark = exc.problem_mark
+        raise ConfigError(
+            "",
+            f"the YAML in {config_path} is nested too deeply (more than "
+            f"{MAX_YAML_DEPTH} levels of mappings and lists, at line "
+            f"{mark.line + 1}, column {mark.column + 1})",
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{config_path} is not valid YAML: {exc}") from None
     if raw is None:
@@ -324,13 +332,29 @@ def load_settings(
     return settings_from_mapping(raw, environ=environ, overrides=overrides)
 
 
+#: Maximum nesting of mappings and lists in the config file. PyYAML's composer
+#: recurses once per level and exhausts Python's recursion limit at about 330
+#: levels (PyYAML 6, default limit of 1000), while a config needs a handful.
+MAX_YAML_DEPTH = 100
+
+
+class _NestedTooDeeply(yaml.composer.ComposerError):
+    """The document nests deeper than :data:`MAX_YAML_DEPTH` levels."""
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """YAML's safe loader, stricter where a config file must be.
 
     A repeated key is an error instead of silently winning over the first, and
     aliases are refused: a config needs none, and nested aliases can expand a
-    few lines into gigabytes or into a cycle.
+    few lines into gigabytes or into a cycle. Nesting is capped at
+    :data:`MAX_YAML_DEPTH` levels, so a deep document is an error and not a
+    ``RecursionError``.
     """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.events.AliasEvent):
@@ -341,7 +365,17 @@ class _ConfigLoader(yaml.SafeLoader):
                 "aliases (*name) are not supported in the config; repeat the value",
                 event.start_mark,
             )
-        return super().compose_node(parent, index)
+        if not self.check_event(yaml.events.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _NestedTooDeeply(
+                None, None, "nested too deeply", self.peek_event().start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[Any] = set()

@@ -12,7 +12,12 @@ import yaml
 from conftest import base_config
 from pydantic import BaseModel
 
-from scaiproxy.config import Settings, load_settings, settings_from_mapping
+from scaiproxy.config import (
+    MAX_YAML_DEPTH,
+    Settings,
+    load_settings,
+    settings_from_mapping,
+)
 from scaiproxy.errors import ConfigError
 
 UPSTREAM = "http://127.0.0.1:9"
@@ -518,3 +523,61 @@ def test_override_into_wrong_section_type():
             config(server="fast"), environ={}, overrides={"server.port": 9123}
         )
     assert caught.value.key == "server"
+
+
+# --- deeply nested YAML -----------------------------------------------------------
+
+
+def flow_lists(depth: int) -> str:
+    """Build ``a:`` followed by ``depth`` nested flow lists, one line."""
+    return "a: " + "[" * depth + "]" * depth + "\n"
+
+
+def test_deep_yaml_is_config_error(tmp_path):
+    path = write(tmp_path, flow_lists(2000))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert caught.value.key == ""
+    assert f"the YAML in {path} is nested too deeply" in str(caught.value)
+
+
+def test_deep_yaml_names_position(tmp_path):
+    # The top-level mapping is the first level, so list number MAX_YAML_DEPTH
+    # is one too many. That list opens at column 3 + MAX_YAML_DEPTH.
+    path = write(tmp_path, flow_lists(MAX_YAML_DEPTH))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert f"line 1, column {3 + MAX_YAML_DEPTH})" in str(caught.value)
+
+
+def test_deep_block_yaml_is_config_error(tmp_path):
+    lines = [f"{'  ' * level}k{level}:" for level in range(MAX_YAML_DEPTH + 1)]
+    path = write(tmp_path, "\n".join(lines) + " 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert "is nested too deeply" in str(caught.value)
+
+
+def test_yaml_at_depth_limit_parses(tmp_path):
+    path = write(tmp_path, flow_lists(MAX_YAML_DEPTH - 1))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert "nested too deeply" not in str(caught.value)
+    assert "a: unknown key" in str(caught.value)
+
+
+def test_yaml_scalars_not_counted_as_levels(tmp_path):
+    lines = [f"{'  ' * level}k{level}:" for level in range(MAX_YAML_DEPTH)]
+    path = write(tmp_path, "\n".join(lines) + " leaf\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert "nested too deeply" not in str(caught.value)
+
+
+def test_cli_deep_yaml_exits_2(tmp_path):
+    path = write(tmp_path, flow_lists(2000), "deep.yaml")
+    result = run_cli("check-config", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is nested too deeply" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
