@@ -156,17 +156,9 @@ class FileSecretStore:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                current = self.path.read_bytes()
+                current = self._read_file()
             except FileNotFoundError:
                 current = b""
-            except OSError as exc:
-                raise SecretStoreError(
-                    self.name, f"cannot read {self.path}: {exc}"
-                ) from None
-            if len(current) > MAX_FILE_BYTES:
-                raise SecretStoreError(
-                    self.name, f"{self.path} is larger than {MAX_FILE_BYTES} bytes"
-                )
             values = dict(self._decode(current))
             values[path] = value
             raw = self._encode(values)
@@ -196,11 +188,7 @@ class FileSecretStore:
             return {}
 
         if signature[2] > MAX_FILE_BYTES:
-            raise SecretStoreError(
-                self.name,
-                f"{self.path} is larger than {MAX_FILE_BYTES} bytes, so check that "
-                "secrets.file.path names the secrets file",
-            )
+            raise self._too_large()
         snapshot = self._snapshot
         now = time.time_ns()
         if snapshot is not None and snapshot.signature == signature:
@@ -208,14 +196,10 @@ class FileSecretStore:
                 return snapshot.values
 
         try:
-            raw = await asyncio.to_thread(self.path.read_bytes)
+            raw = await asyncio.to_thread(self._read_file)
         except FileNotFoundError:
             self._snapshot = None
             return {}
-        except OSError as exc:
-            raise SecretStoreError(
-                self.name, f"cannot read {self.path}: {exc}"
-            ) from None
 
         if snapshot is not None and snapshot.raw == raw:
             values = snapshot.values
@@ -224,6 +208,56 @@ class FileSecretStore:
             self._check_mode()
         self._snapshot = _Snapshot(signature, now, raw, values)
         return values
+
+    def _read_file(self) -> bytes:
+        """Read the file, which must be a regular file of at most MAX_FILE_BYTES.
+
+        Symbolic links are followed. Raises ``FileNotFoundError`` when the file does not exist and
+        :class:`SecretStoreError` when it cannot be used.
+        """
+        try:
+            # O_NONBLOCK: opening a FIFO that has no writer would wait forever.
+            descriptor = os.open(
+                self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            )
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SecretStoreError(
+                self.name, f"cannot read {self.path}: {exc}"
+            ) from None
+        try:
+            # fstat on the open descriptor, so the path cannot be swapped between
+            # the check and the read. stat() reports a FIFO or a device as 0
+            # bytes, and reading one can block or never end.
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                raise SecretStoreError(
+                    self.name,
+                    f"{self.path} is not a regular file, so check that "
+                    "secrets.file.path names the secrets file",
+                )
+            if info.st_size > MAX_FILE_BYTES:
+                raise self._too_large()
+            with open(descriptor, "rb", closefd=False) as stream:
+                raw = stream.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise SecretStoreError(
+                self.name, f"cannot read {self.path}: {exc}"
+            ) from None
+        finally:
+            os.close(descriptor)
+        if len(raw) > MAX_FILE_BYTES:
+            # The file grew after the fstat.
+            raise self._too_large()
+        return raw
+
+    def _too_large(self) -> SecretStoreError:
+        return SecretStoreError(
+            self.name,
+            f"{self.path} is larger than {MAX_FILE_BYTES} bytes, so check that "
+            "secrets.file.path names the secrets file",
+        )
 
     def _decode(self, raw: bytes) -> dict[str, str]:
         if not raw.strip():
@@ -241,6 +275,11 @@ class FileSecretStore:
             # The decoder's message gives the position, never the content.
             raise SecretStoreError(
                 self.name, f"{self.path} is not valid JSON: {exc}"
+            ) from None
+        except RecursionError:
+            # PyYAML's composer recurses once per level of nesting.
+            raise SecretStoreError(
+                self.name, f"{self.path} is not valid YAML: it is nested too deeply"
             ) from None
         except yaml.YAMLError as exc:
             # PyYAML's message quotes the offending line, which may be a secret.

@@ -846,3 +846,127 @@ async def test_cache_rejects_bad_tenant(tmp_path):
     cache = TenantSecretCache(FileSecretStore(tmp_path / "s.json"), ttl_s=30)
     with pytest.raises(ValueError):
         await cache.get("../etc")
+
+
+# Files that are not regular files
+
+#: Seconds a read of a FIFO may take before the test counts it as blocked.
+FIFO_TIMEOUT_S = 5.0
+
+
+def release_fifo(path: Path) -> None:
+    """Open and close the FIFO's write end, so a reader blocked on it gets EOF."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return  # ENXIO: no reader is waiting on the FIFO.
+    os.close(descriptor)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "secrets.json"
+    os.mkfifo(path, 0o600)
+    yield path
+    release_fifo(path)
+
+
+async def bounded(path: Path, awaitable):
+    """Await with a timeout, and release a reader the FIFO still blocks."""
+    try:
+        return await asyncio.wait_for(awaitable, FIFO_TIMEOUT_S)
+    finally:
+        release_fifo(path)
+
+
+async def test_file_fifo_get_rejected(fifo):
+    with pytest.raises(SecretStoreError) as caught:
+        await bounded(fifo, FileSecretStore(fifo).get(KEY_PATH))
+    assert caught.value.message.startswith(f"{fifo} is not a regular file")
+
+
+async def test_file_fifo_put_rejected(fifo):
+    with pytest.raises(SecretStoreError) as caught:
+        await bounded(fifo, FileSecretStore(fifo).put(KEY_PATH, KEY_A))
+    assert caught.value.message.startswith(f"{fifo} is not a regular file")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert temporary_files(fifo.parent) == []
+
+
+async def test_file_symlink_to_fifo_rejected(fifo):
+    link = fifo.parent / "link.json"
+    link.symlink_to(fifo)
+    with pytest.raises(SecretStoreError) as caught:
+        await bounded(fifo, FileSecretStore(link).get(KEY_PATH))
+    assert "is not a regular file" in caught.value.message
+
+
+async def test_file_device_rejected():
+    with pytest.raises(SecretStoreError) as caught:
+        await FileSecretStore(os.devnull).get(KEY_PATH)
+    assert caught.value.message.startswith(f"{os.devnull} is not a regular file")
+
+
+async def test_file_folder_rejected(tmp_path):
+    folder = tmp_path / "secrets.json"
+    folder.mkdir()
+    with pytest.raises(SecretStoreError) as caught:
+        await FileSecretStore(folder).get(KEY_PATH)
+    assert "is not a regular file" in caught.value.message
+
+
+async def test_file_symlink_to_file_read(tmp_path):
+    target = tmp_path / "real.json"
+    target.write_text(json.dumps({KEY_PATH: KEY_A}))
+    link = tmp_path / "secrets.json"
+    link.symlink_to(target)
+    assert await FileSecretStore(link).get(KEY_PATH) == KEY_A
+
+
+async def test_file_deep_yaml_raises(tmp_path):
+    path = tmp_path / "secrets.yaml"
+    path.write_text("a: " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(SecretStoreError) as caught:
+        await FileSecretStore(path).get(KEY_PATH)
+    assert "nested too deeply" in caught.value.message
+
+
+def failed_lines(log_stream) -> list[dict]:
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    return [line for line in lines if line.get("event") == "secret_store_failed"]
+
+
+async def test_app_fifo_read_is_502(
+    make_gateway, upstream, jwks_server, rsa_key, fifo, log_stream
+):
+    config = file_config(upstream, jwks_server, fifo)
+    config["auth"]["upstream_credentials"] = "api_key"
+    client = await make_gateway(config)
+
+    response = await bounded(fifo, client.get(EVENTS, headers=caller(rsa_key)))
+    detail = (await response.json())["detail"]
+
+    assert response.status == 502
+    assert detail["error"] == "secret_store_unavailable"
+    assert upstream.requests == []
+    [line] = failed_lines(log_stream)
+    assert line["error"].startswith(f"{fifo} is not a regular file")
+
+
+async def test_app_fifo_write_is_502(
+    make_gateway, upstream, jwks_server, rsa_key, fifo, log_stream
+):
+    client = await make_gateway(file_config(upstream, jwks_server, fifo))
+
+    response = await bounded(
+        fifo, client.post(ROUTE, json={"api_key": KEY_A}, headers=caller(rsa_key))
+    )
+    detail = (await response.json())["detail"]
+
+    assert response.status == 502
+    assert detail["error"] == "secret_store_unavailable"
+    assert "written" in detail["message"]
+    assert str(fifo) not in detail["message"]
+    [line] = failed_lines(log_stream)
+    assert line["error"].startswith(f"{fifo} is not a regular file")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
