@@ -21,17 +21,16 @@ MAX_REQUEST_DEPTH = 128
 
 
 def _reject_constant(name: str) -> Any:
-    raise JSONSyntaxError(f"{name} is not valid JSON")
+    raise JSONSyntaxError(f"{name} is not allowed in JSON")
 
 
 # NaN and Infinity are not JSON, and clients that parse strictly would fail on them.
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_TOO_DEEP = "arrays and objects are nested too deeply"
 # Python converts at most 4,300 digits to an int (sys.get_int_max_str_digits)
-# because longer ones cost quadratic time. Beyond that the decoder raises a bare
-# ValueError.
-_TOO_MANY_DIGITS = (
-    f"an integer has more than {sys.get_int_max_str_digits()} digits"
-)
+# because longer ones cost quadratic time. Beyond that int() raises a bare
+# ValueError whose message contains this phrase (CPython 3.11 and later).
+_INT_LIMIT_PHRASE = "integer string conversion"
 _scan_value = _decoder.scan_once
 _scan_string = json.decoder.scanstring
 _whitespace = re.compile(r"[ \t\n\r]*")
@@ -66,13 +65,29 @@ def loads(data: bytes | str, max_depth: int | None = None) -> Any:
         data = decode_text(bytes(data))
     try:
         value = _decoder.decode(data)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise JSONSyntaxError(str(exc)) from exc
-    except ValueError:
-        raise JSONSyntaxError(_TOO_MANY_DIGITS) from None
+    except JSONSyntaxError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise _syntax_error(exc) from exc
     if max_depth is not None and nesting_depth(value, max_depth) > max_depth:
         raise JSONSyntaxError(f"nested deeper than {max_depth} levels")
     return value
+
+
+def _syntax_error(exc: ValueError | RecursionError) -> JSONSyntaxError:
+    """Describe why the standard library's decoder rejected a document."""
+    if isinstance(exc, JSONSyntaxError):
+        # Already described: NaN or Infinity, or a fault found by the walk.
+        return exc
+    if isinstance(exc, RecursionError):
+        return JSONSyntaxError(_TOO_DEEP)
+    if isinstance(exc, json.JSONDecodeError):
+        return JSONSyntaxError(str(exc))
+    if _INT_LIMIT_PHRASE in str(exc):
+        return JSONSyntaxError(
+            f"an integer has more than {sys.get_int_max_str_digits()} digits"
+        )
+    return JSONSyntaxError(str(exc))
 
 
 def nesting_depth(value: Any, limit: int) -> int:
@@ -164,7 +179,5 @@ def _walk_object(
                 raise JSONSyntaxError(f"expected ',' or '}}' at offset {index}")
     except StopIteration as exc:
         raise JSONSyntaxError(f"invalid value at offset {exc.value}") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise JSONSyntaxError(str(exc)) from None
-    except ValueError:
-        raise JSONSyntaxError(_TOO_MANY_DIGITS) from None
+    except (ValueError, RecursionError) as exc:
+        raise _syntax_error(exc) from None

@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+from aiohttp import web
+from conftest import base_config, bearer, mint
 
 from scaiproxy import jsonutil
 from scaiproxy.jsonutil import JSONSyntaxError, dumps, loads, object_spans
@@ -255,3 +257,105 @@ def test_random_corruptions_raise_only_syntax_error():
             except JSONSyntaxError:
                 rejected += 1
     assert rejected > 3000
+
+
+# --- messages that name the cause ------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"a": NaN}', "NaN is not allowed in JSON"),
+        ("[1, Infinity]", "Infinity is not allowed in JSON"),
+        ("[-Infinity]", "-Infinity is not allowed in JSON"),
+        ("1" * 5000, "an integer has more than 4300 digits"),
+        (DEEP, "arrays and objects are nested too deeply"),
+        ('{"a" 1}', "Expecting ':' delimiter"),
+    ],
+    ids=["nan", "infinity", "minus-infinity", "digits", "deep", "syntax"],
+)
+def test_loads_message_names_cause(text, expected):
+    with pytest.raises(JSONSyntaxError) as caught:
+        loads(text)
+    assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"a": NaN}', "NaN is not allowed in JSON"),
+        ('{"a": [Infinity]}', "Infinity is not allowed in JSON"),
+        ('{"a": ' + "1" * 5000 + "}", "an integer has more than 4300 digits"),
+        ('{"a": ' + DEEP + "}", "arrays and objects are nested too deeply"),
+        ('{"a" 1}', "expected ':' at offset 5"),
+        ('{"a": 1 "b": 2}', "expected ',' or '}' at offset"),
+    ],
+    ids=["nan", "infinity", "digits", "deep", "colon", "comma"],
+)
+def test_spans_message_names_cause(text, expected):
+    with pytest.raises(JSONSyntaxError) as caught:
+        object_spans(text, {"a": {}})
+    assert str(caught.value).startswith(expected)
+
+
+def test_nan_message_not_digits():
+    with pytest.raises(JSONSyntaxError) as caught:
+        loads("NaN")
+    assert "digits" not in str(caught.value)
+
+
+def test_deep_keeps_recursion_cause():
+    """The request-body decoder detects deep documents by this cause."""
+    with pytest.raises(JSONSyntaxError) as caught:
+        loads(DEEP)
+    assert isinstance(caught.value.__cause__, RecursionError)
+
+
+async def test_gateway_body_nan_message(make_gateway, upstream, jwks_server, rsa_key):
+    client = await make_gateway(base_config(upstream.base_url, jwks_server.url))
+    token = mint(rsa_key, permissions=["scaicore:manage"])
+
+    response = await client.post(
+        "/api/v1/scaicore/checkpoints/cp_1/resolve",
+        data=b'{"resolution": NaN}',
+        headers={**bearer(token), "Content-Type": "application/json"},
+    )
+    detail = (await response.json())["detail"]
+
+    assert response.status == 400
+    assert detail["error"] == "invalid_json"
+    assert "NaN is not allowed in JSON" in detail["message"]
+    assert "digits" not in detail["message"]
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"data": {"events": [{"n": NaN}], "next_cursor": null}}', "NaN"),
+        (
+            b'{"data": {"events": [' + DEEP.encode() + b'], "next_cursor": null}}',
+            "nested too deeply",
+        ),
+    ],
+    ids=["nan", "deep"],
+)
+async def test_gateway_page_message_names_cause(
+    make_gateway, upstream, jwks_server, rsa_key, body, expected
+):
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    upstream.route("GET", "/v1/modules/scaicore/events", page)
+    client = await make_gateway(base_config(upstream.base_url, jwks_server.url))
+    token = mint(rsa_key, permissions=["scaicore:view"])
+
+    response = await client.get("/api/v1/scaicore/events", headers=bearer(token))
+    detail = (await response.json())["detail"]
+
+    assert response.status == 502
+    assert detail["error"] == "bad_gateway"
+    assert expected in detail["message"]
+    assert "digits" not in detail["message"]
