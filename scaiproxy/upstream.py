@@ -71,8 +71,10 @@ class UpstreamResponse:
             try:
                 # The depth cap keeps the decoded value safe to encode again.
                 self.memo["json"] = jsonutil.loads(self.body, max_depth=512)
-            except jsonutil.JSONSyntaxError:
-                raise bad_gateway("ScaiGrid responded with a body that is not JSON.")
+            except jsonutil.JSONSyntaxError as exc:
+                raise bad_gateway(
+                    f"ScaiGrid responded with a body that is not JSON ({str(exc)[:100]})."
+                ) from None
         return self.memo["json"]
 
 

@@ -401,9 +401,7 @@ async def test_models_kept_without_warning(gateway, upstream, token, log_warning
     assert log_warnings("lookup_models_dropped") == []
 
 
-async def test_models_openai_entry_without_id(
-    gateway, upstream, token, log_warnings
-):
+async def test_models_openai_entry_without_id(gateway, upstream, token, log_warnings):
     upstream.route(
         "GET",
         MODELS,
@@ -861,7 +859,9 @@ def test_cache_expires():
 
 def test_cache_drops_oldest():
     cache = ResponseCache(30, 2)
-    keys = [cache.key("route", f"http://up/{n}", credential("Bearer t")) for n in range(3)]
+    keys = [
+        cache.key("route", f"http://up/{n}", credential("Bearer t")) for n in range(3)
+    ]
     for key in keys:
         cache.put(key, b"[]")
 
@@ -1040,3 +1040,25 @@ async def test_bunker_null_fields_filtered(gateway, upstream, token):
     data = await data_of(response)
 
     assert [entry["bunker_id"] for entry in data] == ["bnk_1", "bnk_2"]
+
+
+@pytest.mark.parametrize(
+    "body, cause",
+    [
+        (b'{"data": [{"id": "m", "price": NaN}]}', "NaN is not allowed"),
+        (b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ],
+    ids=["nan", "deep"],
+)
+async def test_models_page_not_json_names_cause(gateway, upstream, token, body, cause):
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    upstream.route("GET", MODELS, page)
+
+    response = await gateway.get("/api/v1/scaigrid/models", headers=bearer(token))
+    detail = (await response.json())["detail"]
+
+    assert response.status == 502
+    assert detail["error"] == "bad_gateway"
+    assert cause in detail["message"]
