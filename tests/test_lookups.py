@@ -1062,3 +1062,31 @@ async def test_models_page_not_json_names_cause(gateway, upstream, token, body, 
     assert response.status == 502
     assert detail["error"] == "bad_gateway"
     assert cause in detail["message"]
+
+
+async def test_list_over_byte_limit_across_pages(
+    make_gateway, upstream, jwks_server, token
+):
+    config = lookups_config(upstream, jwks_server, cache_ttl_s=0)
+    config["upstream"]["max_response_bytes"] = 1000
+    gateway = await make_gateway(config)
+
+    async def page(request: web.Request) -> web.Response:
+        number = int(request.query.get("cursor", "0"))
+        body = json.dumps(
+            {"data": [{"id": f"model-{number}"}], "next_cursor": str(number + 1)}
+        )
+        # 400 bytes a page: the third page takes the list over 1000 bytes.
+        return web.Response(
+            body=body.ljust(400).encode(), content_type="application/json"
+        )
+
+    upstream.route("GET", MODELS, page)
+
+    response = await gateway.get("/api/v1/scaigrid/models", headers=bearer(token))
+    detail = (await response.json())["detail"]
+
+    assert response.status == 502
+    assert detail["error"] == "bad_gateway"
+    assert "upstream.max_response_bytes (1000 bytes)" in detail["message"]
+    assert len(upstream.requests) == 3

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scaiproxy import Call, RawJSON, RouteSpec, hookimpl, jsonutil
 from scaiproxy.config import parse_block
+from scaiproxy.app import SETTINGS
 from scaiproxy.pages import data_list, shape_error
+from scaiproxy.upstream import bad_gateway
 from scaiproxy.cache import ResponseCache, through_cache
 
 log = structlog.get_logger("scaiproxy.lookups")
@@ -94,11 +96,21 @@ async def _pages(
 ) -> AsyncIterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Yield each page's decoded body and its items, following ``next_cursor``."""
     max_pages = call.config.max_pages
+    # One page is at most upstream.max_response_bytes, and so is the whole list:
+    # 20 pages of 16 MiB, decoded, would take gigabytes.
+    max_bytes = call.request.app[SETTINGS].upstream.max_response_bytes
+    received = 0
     sent: set[str] = set()
     cursor: str | None = None
     for number in range(1, max_pages + 1):
         params = {"cursor": cursor} if cursor is not None else None
         response = await call.upstream.get(path, params)
+        received += len(response.body)
+        if received > max_bytes:
+            raise bad_gateway(
+                f"ScaiGrid's list is larger than upstream.max_response_bytes "
+                f"({max_bytes} bytes) over its first {number} pages."
+            )
         items, next_cursor = data_list(call, response, what)
         if not all(isinstance(item, dict) for item in items):
             raise shape_error(call, what, "an entry of 'data' is not an object")
