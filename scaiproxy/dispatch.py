@@ -7,8 +7,10 @@ any upstream call; each problem becomes one entry of a 422 ``validation_error``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from typing import Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -31,6 +33,11 @@ from scaiproxy.middleware import (
 )
 from scaiproxy.routes import Call, NoContent, RawJSON, RouteSpec, check_path_param
 from scaiproxy.upstream import UpstreamCaller
+
+if TYPE_CHECKING:
+    from scaiproxy.auth import Principal
+    from scaiproxy.credentials import Credential, CredentialResolver
+    from scaiproxy.metrics import Metrics
 
 log = structlog.get_logger("scaiproxy.dispatch")
 
@@ -62,6 +69,42 @@ def make_handler(spec: RouteSpec) -> Any:
     route_log = log.bind(route=spec.name, plugin=spec.plugin)
     path_params = spec.path_params
     queries = _QueryMemo(spec)
+    shared = SharedRuns() if spec.coalesce else None
+
+    def upstream_caller(
+        request: web.Request, resolve: Any, credential: Credential | None = None
+    ) -> UpstreamCaller:
+        upstream = UpstreamCaller(
+            request.app[UPSTREAM],
+            resolve,
+            request[REQUEST_ID],
+            spec.timeout_s or request.app[SETTINGS].upstream.timeout_s,
+            spec.name,
+            _traceparent(request),
+            credential=credential,
+        )
+        request[UPSTREAM_CALLS] = upstream
+        return upstream
+
+    def make_call(
+        request: web.Request,
+        params: dict[str, str],
+        query: Any,
+        body: Any,
+        principal: Principal | None,
+        upstream: UpstreamCaller,
+    ) -> Call:
+        return Call(
+            request=request,
+            route=spec,
+            principal=principal,
+            params=params,
+            query=query,
+            body=body,
+            config=request.app[PLUGIN_CONFIGS].get(spec.plugin),
+            upstream=upstream,
+            log=route_log,
+        )
 
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
@@ -70,39 +113,114 @@ def make_handler(spec: RouteSpec) -> Any:
         query = queries.validate(request)
         body = await _body(spec, request, settings.server)
         principal = request[PRINCIPAL] if spec.authenticated else None
-        resolver = app[RESOLVER]
-        metrics = app[METRICS]
-
-        async def resolve_credential() -> Any:
-            credential = await resolver.resolve(principal)
-            metrics.child(metrics.credential_sources, credential.source).inc()
-            return credential
-
-        upstream = UpstreamCaller(
-            app[UPSTREAM],
-            resolve_credential,
-            request[REQUEST_ID],
-            spec.timeout_s or settings.upstream.timeout_s,
-            spec.name,
-            _traceparent(request),
+        resolve = functools.partial(
+            _resolve_credential, app[RESOLVER], app[METRICS], principal
         )
-        call = Call(
-            request=request,
-            route=spec,
-            principal=principal,
-            params=params,
-            query=query,
-            body=body,
-            config=app[PLUGIN_CONFIGS].get(spec.plugin),
-            upstream=upstream,
-            log=route_log,
+        if shared is not None and settings.upstream.coalesce_gets:
+            return await handle_shared(request, params, query, principal, resolve)
+
+        upstream = upstream_caller(request, resolve)
+        call = make_call(request, params, query, body, principal, upstream)
+        return envelope(await spec.handler(call), spec.status)
+
+    async def handle_shared(
+        request: web.Request,
+        params: dict[str, str],
+        query: Any,
+        principal: Principal,
+        resolve: Any,
+    ) -> web.StreamResponse:
+        # Everything a coalesced route's result depends on is in the key.
+        credential = await resolve()
+        key = (
+            request.rel_url.raw_query_string,
+            *params.values(),
+            principal.tenant_id,
+            credential.base_url,
+            credential.digest,
         )
-        request[UPSTREAM_CALLS] = upstream
-        result = await spec.handler(call)
-        return envelope(result, spec.status)
+        run = shared.get(key)
+        if run is None:
+            upstream = upstream_caller(request, resolve, credential)
+            call = make_call(request, params, query, None, principal, upstream)
+            run = shared.start(key, spec.handler(call), upstream)
+        else:
+            metrics = request.app[METRICS]
+            metrics.child(metrics.coalesced, spec.name).inc()
+            request[UPSTREAM_CALLS] = run.upstream
+        return envelope(await run.result(), spec.status)
 
     handle.route_spec = spec  # type: ignore[attr-defined]
     return handle
+
+
+async def _resolve_credential(
+    resolver: CredentialResolver, metrics: Metrics, principal: Principal
+) -> Credential:
+    credential = await resolver.resolve(principal)
+    metrics.child(metrics.credential_sources, credential.source).inc()
+    return credential
+
+
+class SharedRun:
+    """One run of a coalesced route's handler, which identical requests share."""
+
+    __slots__ = ("future", "upstream")
+
+    def __init__(self, future: asyncio.Future[Any], upstream: UpstreamCaller) -> None:
+        self.future = future
+        #: The run's upstream calls, for the access event of every request served.
+        self.upstream = upstream
+
+    async def result(self) -> Any:
+        """Wait for the handler's result; a waiter's cancellation spares the run."""
+        result = await asyncio.shield(self.future)
+        if isinstance(result, web.StreamResponse):
+            raise TypeError(
+                "a coalesced route's handler must return data, not a response, "
+                "because its result is sent to several requests"
+            )
+        return result
+
+
+class SharedRuns:
+    """The handler runs of one coalesced route in flight, by what they depend on.
+
+    A coalesced route's result depends only on its path parameters, its query
+    string, the caller's tenant and the upstream credential. While a run for
+    such a key is in flight, identical requests wait for its result instead of
+    starting their own, so many canvases polling one page cost one run and one
+    upstream call. Each run is a task of its own: the cancellation of the
+    request that started it leaves the others waiting on it unharmed.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[Any, ...], SharedRun] = {}
+
+    def get(self, key: tuple[Any, ...]) -> SharedRun | None:
+        return self._runs.get(key)
+
+    def start(
+        self,
+        key: tuple[Any, ...],
+        work: Coroutine[Any, Any, Any],
+        upstream: UpstreamCaller,
+    ) -> SharedRun:
+        """Run ``work`` as a task that requests with ``key`` share until it ends."""
+        future = asyncio.ensure_future(work)
+        run = SharedRun(future, upstream)
+        self._runs[key] = run
+        future.add_done_callback(functools.partial(self._finished, key))
+        return run
+
+    def _finished(self, key: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        self._runs.pop(key, None)
+        # Retrieve the outcome even when every waiter was cancelled.
+        if not future.cancelled():
+            future.exception()
+
+    def __len__(self) -> int:
+        return len(self._runs)
 
 
 def envelope(result: Any, status: int = 200) -> web.StreamResponse:

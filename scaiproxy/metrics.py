@@ -240,7 +240,8 @@ class Metrics:
         )
         self.coalesced = Counter(
             "scaiproxy_coalesced_requests",
-            "GET requests that shared an identical upstream call already in flight.",
+            "GET requests that shared a handler run or an upstream call already "
+            "in flight.",
             ["route"],
             registry=self.registry,
         )

@@ -69,6 +69,12 @@ class RouteSpec:
     upstream calls. ``query`` and ``body`` are pydantic models that validate the
     query string and the JSON body. They also describe the route in the OpenAPI
     document, with ``response`` as the JSON schema of the ``data`` member.
+
+    ``coalesce`` marks an authenticated GET route whose result depends only on
+    its path parameters, its query string, the caller's tenant and the upstream
+    credential, never on who the caller is. Identical requests in flight then
+    share one run of the handler (while ``upstream.coalesce_gets`` is on), and
+    the handler must return data, not a response.
     """
 
     method: str
@@ -86,6 +92,7 @@ class RouteSpec:
     description: str = ""
     tags: tuple[str, ...] = ()
     authenticated: bool = True
+    coalesce: bool = False
     plugin: str = ""
 
     def __post_init__(self) -> None:
@@ -108,6 +115,10 @@ class RouteSpec:
             )
         if not self.name:
             raise ValueError(f"route {self.path!r}: a name is required")
+        if self.coalesce and (self.method != "GET" or not self.authenticated):
+            raise ValueError(
+                f"route {self.name!r}: only authenticated GET routes can coalesce"
+            )
 
     @property
     def path_params(self) -> tuple[str, ...]:

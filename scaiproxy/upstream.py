@@ -500,6 +500,7 @@ class UpstreamCaller:
         timeout_s: float,
         route: str,
         traceparent: str | None,
+        credential: Credential | None = None,
     ) -> None:
         self._client = client
         self._resolve = resolve_credential
@@ -507,7 +508,8 @@ class UpstreamCaller:
         self._timeout_s = timeout_s
         self._route = route
         self._traceparent = traceparent
-        self.credential: Credential | None = None
+        #: The credential of the request's calls, once chosen.
+        self.credential = credential
         self.last: UpstreamResponse | None = None
         self.last_status: int | None = None
         #: ScaiGrid's request id of the last call, failed calls included.

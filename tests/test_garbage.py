@@ -9,11 +9,14 @@ other gateway object is among it.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 import pytest
 from aiohttp import web
 from conftest import base_config, bearer, mint
+
+from scaiproxy.app import METRICS
 
 EVENTS = {"data": {"events": [{"event_id": "e1", "seq": 1}], "next_cursor": None}}
 REQUESTS = 40
@@ -30,20 +33,26 @@ def _ours(garbage: list[object]) -> list[str]:
     return sorted(set(names))
 
 
-async def _garbage_after(client, method: str, path: str, headers: dict, **kwargs):
-    # Warm up first: caches and pools fill on the first requests.
-    for _ in range(3):
+async def _garbage_after(
+    client, method: str, path: str, headers: dict, batch: int = 1, **kwargs
+):
+    """Send ``REQUESTS`` requests, ``batch`` at a time, and collect the garbage."""
+
+    async def send() -> int:
         async with client.request(method, path, headers=headers, **kwargs) as response:
             await response.read()
+            return response.status
+
+    # Warm up first: caches and pools fill on the first requests.
+    for _ in range(3):
+        await send()
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     statuses = set()
     try:
-        for _ in range(REQUESTS):
-            async with client.request(method, path, headers=headers, **kwargs) as response:
-                await response.read()
-                statuses.add(response.status)
+        for _ in range(REQUESTS // batch):
+            statuses.update(await asyncio.gather(*(send() for _ in range(batch))))
         gc.collect()
         garbage = list(gc.garbage)
     finally:
@@ -81,6 +90,26 @@ async def test_requests_leave_no_cycles(client, rsa_key, path, status):
     statuses, ours = await _garbage_after(client, "GET", path, headers)
     assert statuses == {status}
     assert ours == []
+
+
+@pytest.mark.parametrize(
+    ("path", "route", "status"),
+    [
+        ("/api/v1/scaicore/events?limit=5", "scaicore.events", 200),
+        ("/api/v1/scaicore/checkpoints", "scaicore.checkpoints", 502),
+    ],
+)
+async def test_coalesced_batches_leave_no_cycles(client, rsa_key, path, route, status):
+    """Requests that wait on another request's run, its result or its error."""
+    headers = bearer(mint(rsa_key, permissions=["scaicore:view"]))
+    statuses, ours = await _garbage_after(client, "GET", path, headers, batch=8)
+    registry = client.app[METRICS].registry
+    joined = registry.get_sample_value(
+        "scaiproxy_coalesced_requests_total", {"route": route}
+    )
+    assert statuses == {status}
+    assert ours == []
+    assert joined > 0
 
 
 async def test_rejected_callers_leave_no_cycles(client, rsa_key):
