@@ -100,7 +100,6 @@ def create_app(
                 f"route {spec.name!r} ({spec.method} {base + spec.path}) of plugin "
                 f"{spec.plugin!r} cannot be registered: {exc}",
             ) from None
-    app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_mark_not_ready)
     return app
@@ -160,6 +159,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     host = app[PLUGINS]
     try:
         await host.startup(app)
+        # Connections inherit this task's context: a field that start-up code
+        # bound would otherwise appear on the log lines of every request.
+        structlog.contextvars.clear_contextvars()
         app[STATE]["ready"] = True
         log.info(
             "gateway_started",
@@ -178,11 +180,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await store.close()
         await session.close()
         log.info("gateway_stopped")
-
-
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp's default names Python's and aiohttp's versions.
-    response.headers["Server"] = "scaiproxy"
 
 
 async def _mark_not_ready(app: web.Application) -> None:

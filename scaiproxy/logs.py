@@ -11,6 +11,7 @@ through :class:`AccessLineWriter`, which renders the same line.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -31,6 +32,29 @@ _SECRET_PATTERNS = (
     re.compile(r"sgk_[A-Za-z0-9_-]{4,}"),
     re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"),
 )
+
+
+#: The fields of the request being served (request id, tenant, subject), which
+#: every log line of the request carries. The middleware sets a new dict for
+#: each request; one variable costs less to set than structlog's one per field.
+REQUEST_LOG_FIELDS: contextvars.ContextVar[dict[str, Any] | None] = (
+    contextvars.ContextVar("scaiproxy_request_log_fields", default=None)
+)
+
+
+def merge_request_fields(
+    _logger: Any, _method: str, event_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """structlog processor: add the fields of the request being served.
+
+    A field that the event or structlog's context variables set already is
+    kept as it is.
+    """
+    fields = REQUEST_LOG_FIELDS.get()
+    if fields:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+    return event_dict
 
 
 def _mask(match: re.Match[str]) -> str:
@@ -241,6 +265,7 @@ class AccessLineWriter:
         event_dict["event"] = event
         for key, value in structlog.contextvars.get_contextvars().items():
             event_dict.setdefault(key, value)
+        merge_request_fields(None, "info", event_dict)
         event_dict["level"] = "info"
         event_dict["logger"] = self._logger_name
         event_dict["timestamp"] = utc_timestamp()
@@ -268,6 +293,7 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        merge_request_fields,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         add_timestamp,

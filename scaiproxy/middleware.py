@@ -23,7 +23,7 @@ from scaiproxy.errors import (
     PAYLOAD_TOO_LARGE,
     ProxyError,
 )
-from scaiproxy.logs import access_line_writer, may_hold_secret
+from scaiproxy.logs import REQUEST_LOG_FIELDS, access_line_writer, may_hold_secret
 
 if TYPE_CHECKING:
     from scaiproxy.metrics import Metrics
@@ -35,6 +35,10 @@ log = structlog.get_logger("scaiproxy.request")
 _access_logger = logging.getLogger("scaiproxy.request")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+SERVER_HEADER = "Server"
+#: The Server header of every response; aiohttp's default names Python's and
+#: aiohttp's versions.
+SERVER_NAME = "scaiproxy"
 #: The status logged when the client closed the connection before the response.
 CLIENT_CLOSED_REQUEST = 499
 #: The status logged for a request that the gateway's shutdown cut off; its
@@ -94,40 +98,45 @@ def gateway_middleware(metrics: Metrics) -> Any:
     2. Errors: every exception becomes the error envelope.
     3. Authentication and the permission check, for plugin routes that need them.
 
-    The steps share one coroutine because each middleware layer costs a frame
-    and a lookup of the route on every request.
+    The steps share one coroutine because each middleware layer, and each
+    coroutine that a response passes through, costs time on every request.
     """
     from scaiproxy.app import DEV_PRINCIPAL, STATE, VERIFIER
-
-    async def authenticate(request: web.Request, spec: RouteSpec) -> None:
-        app = request.app
-        principal = app.get(DEV_PRINCIPAL)
-        if principal is None:
-            principal = await app[VERIFIER].verify_header(request.headers)
-        _authorize(request, spec, principal)
 
     @web.middleware
     async def gateway(request: web.Request, handler: Any) -> web.StreamResponse:
         request_id = request_id_for(request)
         request[REQUEST_ID] = request_id
         spec = route_spec(request)
-        # aiohttp runs each request in a task of its own, so the context ends
-        # with the request. Clearing drops what the connection's task inherited.
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        # aiohttp runs each request in a task of its own, so this value ends
+        # with the request, and the next request on the connection sets its own.
+        log_fields = {"request_id": request_id}
+        REQUEST_LOG_FIELDS.set(log_fields)
         started = time.perf_counter()
         status = 500
         cancelled = False
         try:
-            response = await _errors_enveloped(request, spec, handler, authenticate)
+            try:
+                if spec is not None and spec.authenticated:
+                    app = request.app
+                    principal = app.get(DEV_PRINCIPAL)
+                    if principal is None:
+                        principal = await app[VERIFIER].verify_header(request.headers)
+                    _authorize(request, spec, principal, log_fields)
+                response = await handler(request)
+            except Exception as exc:  # noqa: BLE001 - _error_for maps each kind
+                response = error_response(_error_for(request, exc))
             status = response.status
             if not response.prepared:
-                response.headers[REQUEST_ID_HEADER] = request_id
+                headers = response.headers
+                headers[REQUEST_ID_HEADER] = request_id
+                headers[SERVER_HEADER] = SERVER_NAME
             return response
         except web.HTTPException as exc:
             # Only statuses below 400 get here: the others became an envelope.
             status = exc.status
             exc.headers[REQUEST_ID_HEADER] = request_id
+            exc.headers[SERVER_HEADER] = SERVER_NAME
             raise
         except asyncio.CancelledError:
             status = CLIENT_CLOSED_REQUEST
@@ -203,26 +212,18 @@ def _access_event(
     writer.info("request", **fields)
 
 
-async def _errors_enveloped(
-    request: web.Request, spec: RouteSpec | None, handler: Any, authenticate: Any
-) -> web.StreamResponse:
-    """Run authentication, the permission check and the handler, and turn
-    every exception into the error envelope, so that nothing else reaches clients."""
-    try:
-        if spec is not None and spec.authenticated:
-            await authenticate(request, spec)
-        return await handler(request)
-    except ProxyError as exc:
+def _error_for(request: web.Request, exc: Exception) -> ProxyError:
+    """Return the error to send for ``exc``; re-raise redirects and other
+    HTTP exceptions below 400, which aiohttp sends as they are."""
+    if isinstance(exc, ProxyError):
         error = exc
-    except web.HTTPException as exc:
+    elif isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         error = _from_http_exception(request, exc)
         _drop_tracebacks(exc)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.exception("unhandled_error", path=request.path[:512])
+    else:
+        log.exception("unhandled_error", path=request.path[:512], exc_info=exc)
         _drop_tracebacks(exc)
         error = ProxyError(
             500,
@@ -231,7 +232,7 @@ async def _errors_enveloped(
             fix="Try again; if it persists, report the X-Request-ID to the operators.",
         )
     _drop_tracebacks(error)
-    return error_response(error)
+    return error
 
 
 def _drop_tracebacks(exc: BaseException | None) -> None:
@@ -281,12 +282,13 @@ def payload_too_large(limit: int) -> ProxyError:
     )
 
 
-def _authorize(request: web.Request, spec: RouteSpec, principal: Any) -> None:
+def _authorize(
+    request: web.Request, spec: RouteSpec, principal: Any, log_fields: dict[str, Any]
+) -> None:
     """Bind the verified caller and check the route's permission and roles."""
     request[PRINCIPAL] = principal
-    structlog.contextvars.bind_contextvars(
-        tenant_id=principal.tenant_id, sub=principal.sub
-    )
+    log_fields["tenant_id"] = principal.tenant_id
+    log_fields["sub"] = principal.sub
     if spec.permission and not principal.has_permission(spec.permission):
         raise insufficient_scope(spec.permission, base_path=_base_path(request))
     if spec.roles and not principal.roles.intersection(spec.roles):

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from conftest import base_config, bearer, mint
 
+from scaiproxy import hookimpl
 from scaiproxy.config import LoggingConfig
 from scaiproxy.logs import (
     LineBatchingHandler,
@@ -138,6 +139,45 @@ async def test_request_context_not_leaked(gateway, upstream, viewer, stream):
     assert healthz["route"] == "/healthz"
     assert "tenant_id" not in healthz
     assert "sub" not in healthz
+
+
+class BindsAtStartup:
+    """A plugin whose start-up binds a structlog context variable."""
+
+    @hookimpl
+    async def scaiproxy_startup(self, app: web.Application) -> None:
+        structlog.contextvars.bind_contextvars(bound_at_startup="yes")
+
+
+async def test_startup_context_not_on_requests(
+    make_gateway, upstream, jwks_server, viewer, stream
+):
+    """Connections inherit the start-up task's context; requests must not."""
+    raw = base_config(
+        upstream.base_url,
+        jwks_server.url,
+        plugins={"enabled": ["scaicore", "binds"]},
+    )
+    try:
+        client = await make_gateway(raw, plugins={"binds": BindsAtStartup()})
+        await client.get("/healthz")
+        await client.get(EVENTS, headers=bearer(viewer))
+    finally:
+        structlog.contextvars.clear_contextvars()
+    requests = named(stream, "request")
+    assert len(requests) == 2
+    assert all("bound_at_startup" not in line for line in requests)
+
+
+async def test_request_fields_on_handler_lines(gateway, upstream, viewer, stream):
+    """A warning logged while serving a request carries its id and caller."""
+    upstream.route("GET", EVENTS_UP, json_body={"unexpected": True})
+    response = await gateway.get(EVENTS, headers=bearer(viewer))
+    [warning] = named(stream, "upstream_bad_shape")
+    assert response.status == 502
+    assert warning["request_id"] == response.headers["X-Request-ID"]
+    assert warning["tenant_id"] == "acme"
+    assert warning["sub"] == "user-1"
 
 
 # --- upstream failures --------------------------------------------------------

@@ -90,6 +90,23 @@ async def test_healthz(client):
     assert response.headers["Server"] == "scaiproxy"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/healthz", 200),
+        ("GET", "/metrics", 200),
+        ("GET", "/api/v1/scaicore/events", 401),
+        ("GET", "/api/v1/no-such-route", 404),
+        ("DELETE", "/healthz", 405),
+    ],
+)
+async def test_server_header_on_every_response(client, method, path, status):
+    """aiohttp's own Server header would name Python's and aiohttp's versions."""
+    response = await client.request(method, path)
+    assert response.status == status
+    assert response.headers["Server"] == "scaiproxy"
+
+
 async def test_healthz_head(client):
     response = await client.head("/healthz")
     assert response.status == 200
