@@ -111,25 +111,19 @@ def make_handler(spec: RouteSpec) -> Any:
         settings = app[SETTINGS]
         params = _path_params(path_params, request)
         query = queries.validate(request)
-        body = await _body(spec, request, settings.server)
+        body = None
+        if spec.body is not None:
+            body = await _body(spec, request, settings.server)
         principal = request[PRINCIPAL] if spec.authenticated else None
+        metrics = app[METRICS]
         resolve = functools.partial(
-            _resolve_credential, app[RESOLVER], app[METRICS], principal
+            _resolve_credential, app[RESOLVER], metrics, principal
         )
-        if shared is not None and settings.upstream.coalesce_gets:
-            return await handle_shared(request, params, query, principal, resolve)
+        if shared is None or not settings.upstream.coalesce_gets:
+            upstream = upstream_caller(request, resolve)
+            call = make_call(request, params, query, body, principal, upstream)
+            return envelope(await spec.handler(call), spec.status)
 
-        upstream = upstream_caller(request, resolve)
-        call = make_call(request, params, query, body, principal, upstream)
-        return envelope(await spec.handler(call), spec.status)
-
-    async def handle_shared(
-        request: web.Request,
-        params: dict[str, str],
-        query: Any,
-        principal: Principal,
-        resolve: Any,
-    ) -> web.StreamResponse:
         # Everything a coalesced route's result depends on is in the key.
         credential = await resolve()
         key = (
@@ -145,10 +139,15 @@ def make_handler(spec: RouteSpec) -> Any:
             call = make_call(request, params, query, None, principal, upstream)
             run = shared.start(key, spec.handler(call), upstream)
         else:
-            metrics = request.app[METRICS]
             metrics.child(metrics.coalesced, spec.name).inc()
             request[UPSTREAM_CALLS] = run.upstream
-        return envelope(await run.result(), spec.status)
+        result = await run.waiter()
+        if isinstance(result, web.StreamResponse):
+            raise TypeError(
+                f"route {spec.name!r} coalesces, so its handler must return data, "
+                "not a response: its result is sent to several requests"
+            )
+        return envelope(result, spec.status)
 
     handle.route_spec = spec  # type: ignore[attr-defined]
     return handle
@@ -172,15 +171,10 @@ class SharedRun:
         #: The run's upstream calls, for the access event of every request served.
         self.upstream = upstream
 
-    async def result(self) -> Any:
-        """Wait for the handler's result; a waiter's cancellation spares the run."""
-        result = await asyncio.shield(self.future)
-        if isinstance(result, web.StreamResponse):
-            raise TypeError(
-                "a coalesced route's handler must return data, not a response, "
-                "because its result is sent to several requests"
-            )
-        return result
+    def waiter(self) -> asyncio.Future[Any]:
+        """Return a future of the handler's result whose cancellation, when a
+        waiting request is cancelled, leaves the run going."""
+        return asyncio.shield(self.future)
 
 
 class SharedRuns:

@@ -351,8 +351,8 @@ async def test_cancelled_waiter_spares_run():
         return "result"
 
     run = runs.start(("key",), work(), caller())
-    first = asyncio.ensure_future(run.result())
-    second = asyncio.ensure_future(run.result())
+    first = asyncio.ensure_future(run.waiter())
+    second = asyncio.ensure_future(run.waiter())
     await asyncio.sleep(0)
     first.cancel()
     await asyncio.sleep(0)
@@ -370,7 +370,7 @@ async def test_finished_run_leaves_table():
 
     run = runs.start(("key",), work(), caller())
     with pytest.raises(ProxyError):
-        await run.result()
+        await run.waiter()
     await asyncio.sleep(0)
     assert runs.get(("key",)) is None
     assert len(runs) == 0
