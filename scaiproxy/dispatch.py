@@ -122,30 +122,41 @@ def make_handler(spec: RouteSpec) -> Any:
         if shared is None or not settings.upstream.coalesce_gets:
             upstream = upstream_caller(request, resolve)
             call = make_call(request, params, query, body, principal, upstream)
-            return envelope(await spec.handler(call), spec.status)
-
-        # Everything a coalesced route's result depends on is in the key.
-        credential = await resolve()
-        key = (
-            request.rel_url.raw_query_string,
-            *params.values(),
-            principal.tenant_id,
-            credential.base_url,
-            credential.digest,
-        )
-        run = shared.get(key)
-        if run is None:
-            upstream = upstream_caller(request, resolve, credential)
-            call = make_call(request, params, query, None, principal, upstream)
-            run = shared.start(key, spec.handler(call), upstream)
+            if shared is None:
+                return envelope(await spec.handler(call), spec.status)
+            pending = spec.handler(call)
         else:
-            metrics.child(metrics.coalesced, spec.name).inc()
-            request[UPSTREAM_CALLS] = run.upstream
-        result = await run.waiter()
+            # Everything a coalesced route's result depends on is in the key.
+            credential = await resolve()
+            key = (
+                request.rel_url.raw_query_string,
+                *params.values(),
+                principal.tenant_id,
+                credential.base_url,
+                credential.digest,
+            )
+            run = shared.get(key)
+            if run is None:
+                upstream = upstream_caller(request, resolve, credential)
+                call = make_call(request, params, query, None, principal, upstream)
+                run = shared.start(key, spec.handler(call), upstream)
+            else:
+                metrics.child(metrics.coalesced, spec.name).inc()
+                request[UPSTREAM_CALLS] = run.upstream
+            pending = run.waiter()
+
+        # A coalesced route's result may go to several requests, and one aiohttp
+        # response, returned or raised as a redirect, can be sent only once.
+        try:
+            result = await pending
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                raise
+            result = exc
         if isinstance(result, web.StreamResponse):
             raise TypeError(
                 f"route {spec.name!r} coalesces, so its handler must return data, "
-                "not a response: its result is sent to several requests"
+                f"not a response (got HTTP {result.status})"
             )
         return envelope(result, spec.status)
 
@@ -210,8 +221,13 @@ class SharedRuns:
     def _finished(self, key: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
         self._runs.pop(key, None)
         # Retrieve the outcome even when every waiter was cancelled.
-        if not future.cancelled():
-            future.exception()
+        error = None if future.cancelled() else future.exception()
+        if isinstance(error, ProxyError):
+            # Its frames hold the futures that hold it. Waiters drop them after
+            # building their response, but when every waiter was cancelled (at
+            # shutdown) only the cyclic collector would free the run's objects.
+            # A ProxyError's traceback is never logged.
+            error.__traceback__ = None
 
     def __len__(self) -> int:
         return len(self._runs)

@@ -73,8 +73,8 @@ class RouteSpec:
     ``coalesce`` marks an authenticated GET route whose result depends only on
     its path parameters, its query string, the caller's tenant and the upstream
     credential, never on who the caller is. Identical requests in flight then
-    share one run of the handler (while ``upstream.coalesce_gets`` is on), and
-    the handler must return data, not a response.
+    share one run of the handler (while ``upstream.coalesce_gets`` is on). Its
+    handler must return data, not a response, and it takes no request body.
     """
 
     method: str
@@ -118,6 +118,12 @@ class RouteSpec:
         if self.coalesce and (self.method != "GET" or not self.authenticated):
             raise ValueError(
                 f"route {self.name!r}: only authenticated GET routes can coalesce"
+            )
+        if self.coalesce and self.body is not None:
+            # Waiting requests get the result of a run that read another body.
+            raise ValueError(
+                f"route {self.name!r}: a coalesced route cannot take a request "
+                "body; remove body or coalesce"
             )
 
     @property

@@ -8,6 +8,7 @@ the test releases it, so that every request of a batch is in flight at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from typing import Any
 
@@ -65,6 +66,11 @@ class Counted:
             self.runs.append({"tenant": call.principal.tenant_id})
             return web.json_response({"data": "hand-made"})
 
+        async def moved(call: Call) -> Any:
+            self.runs.append({"tenant": call.principal.tenant_id})
+            await asyncio.wait_for(self.release.wait(), 10)
+            raise web.HTTPFound("/api/v1/items")
+
         common = {"permission": VIEW, "coalesce": True}
         return [
             RouteSpec(
@@ -73,6 +79,7 @@ class Counted:
             RouteSpec("GET", "/v1/items/{item_id}", item, name="item", **common),
             RouteSpec("GET", "/v1/failing", failing, name="failing", **common),
             RouteSpec("GET", "/v1/response", response, name="response", **common),
+            RouteSpec("GET", "/v1/moved", moved, name="moved", **common),
         ]
 
 
@@ -287,6 +294,36 @@ async def test_response_from_coalesced_route_is_500(
     assert "must return data, not a response" in json.dumps(errors)
 
 
+@pytest.mark.parametrize("coalesce_gets", [True, False])
+async def test_redirect_from_coalesced_route_is_500(
+    make_gateway, items_upstream, jwks_server, counted, rsa_key, coalesce_gets
+):
+    """One raised redirect is one response object, which only one of several
+    waiting requests could be sent: every request gets the same 500 instead."""
+    raw = config(
+        items_upstream.base_url,
+        jwks_server.url,
+        upstream={"coalesce_gets": coalesce_gets},
+    )
+    client = await make_gateway(raw, plugins={"counted": counted})
+    headers = viewer(rsa_key)
+    pending = asyncio.gather(
+        *(
+            client.get("/api/v1/moved", headers=headers, allow_redirects=False)
+            for _ in range(3)
+        )
+    )
+    if coalesce_gets:
+        await wait_for_joined(client, "moved", 2)
+    else:
+        await wait_for_runs(counted, 3)
+    counted.release.set()
+    responses = await asyncio.wait_for(pending, 10)
+    errors = {(await response.json())["detail"]["error"] for response in responses}
+    assert [response.status for response in responses] == [500] * 3
+    assert errors == {"internal_error"}
+
+
 async def test_coalescing_off_runs_each_request(
     make_gateway, items_upstream, jwks_server, counted, rsa_key
 ):
@@ -376,6 +413,43 @@ async def test_finished_run_leaves_table():
     assert len(runs) == 0
 
 
+async def test_unawaited_failed_run_leaves_no_cycle():
+    """A run whose every waiter was cancelled, and that then fails, is freed
+    by reference counting although its frames held the futures that held
+    its error (as UpstreamClient.request holds the shared upstream call)."""
+
+    class Marker:
+        """Stands for the request that the run's Call refers to."""
+
+    async def failing() -> None:
+        await asyncio.sleep(0.02)
+        raise ProxyError(502, "bad_gateway", "ScaiGrid answered HTTP 500.")
+
+    async def work(marker: Marker) -> None:
+        shared = asyncio.ensure_future(failing())
+        await asyncio.shield(shared)
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        runs = SharedRuns()
+        run = runs.start(("key",), work(Marker()), caller())
+        waiter = asyncio.ensure_future(run.waiter())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        del run, waiter
+        await asyncio.sleep(0.1)
+        gc.collect()
+        kinds = {type(item).__name__ for item in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert "Marker" not in kinds
+    assert "ProxyError" not in kinds
+
+
 @pytest.mark.parametrize(("method", "authenticated"), [("POST", True), ("GET", False)])
 def test_coalesce_needs_authenticated_get(method, authenticated):
     async def handler(call: Call) -> Any:
@@ -390,3 +464,11 @@ def test_coalesce_needs_authenticated_get(method, authenticated):
             authenticated=authenticated,
             coalesce=True,
         )
+
+
+def test_coalesce_rejects_request_body():
+    async def handler(call: Call) -> Any:
+        return None
+
+    with pytest.raises(ValueError, match="a coalesced route cannot take a request"):
+        RouteSpec("GET", "/v1/x", handler, name="x", body=ItemsQuery, coalesce=True)
