@@ -19,6 +19,7 @@ from scaiproxy.errors import SERVICE_UNAVAILABLE, ConfigError, ProxyError
 from scaiproxy.metrics import CONTENT_TYPE, Metrics
 from scaiproxy.middleware import error_response, json_response, middlewares
 from scaiproxy.openapi import build_openapi
+from scaiproxy.pages import CHECKED_PAGES, CHECKED_PAGES_MAX_BYTES, CheckedPages
 from scaiproxy.plugins import PluginHost
 from scaiproxy.routes import RouteSpec
 from scaiproxy.secrets import SecretBackendContext, SecretStore, TenantSecretCache
@@ -70,6 +71,7 @@ def create_app(
     app[ROUTES] = specs
     app[METRICS] = metrics
     app[STATE] = {"ready": False}
+    app[CHECKED_PAGES] = CheckedPages(CHECKED_PAGES_MAX_BYTES)
 
     store = _secret_store(settings, host, environ, app)
     secrets = TenantSecretCache(store, settings.secrets.cache_ttl_s)

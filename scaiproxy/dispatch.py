@@ -116,10 +116,11 @@ def make_handler(spec: RouteSpec) -> Any:
             body = await _body(spec, request, settings.server)
         principal = request[PRINCIPAL] if spec.authenticated else None
         metrics = app[METRICS]
-        resolve = functools.partial(
-            _resolve_credential, app[RESOLVER], metrics, principal
-        )
+        resolver = app[RESOLVER]
         if shared is None or not settings.upstream.coalesce_gets:
+            resolve = functools.partial(
+                _resolve_credential, resolver, metrics, principal
+            )
             upstream = upstream_caller(request, resolve)
             call = make_call(request, params, query, body, principal, upstream)
             if shared is None:
@@ -127,7 +128,8 @@ def make_handler(spec: RouteSpec) -> Any:
             pending = spec.handler(call)
         else:
             # Everything a coalesced route's result depends on is in the key.
-            credential = await resolve()
+            credential = await resolver.resolve(principal)
+            metrics.child(metrics.credential_sources, credential.source).inc()
             key = (
                 request.rel_url.raw_query_string,
                 *params.values(),
@@ -137,6 +139,9 @@ def make_handler(spec: RouteSpec) -> Any:
             )
             run = shared.get(key)
             if run is None:
+                resolve = functools.partial(
+                    _resolve_credential, resolver, metrics, principal
+                )
                 upstream = upstream_caller(request, resolve, credential)
                 call = make_call(request, params, query, None, principal, upstream)
                 run = shared.start(key, spec.handler(call), upstream)

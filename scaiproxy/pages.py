@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import structlog
+from aiohttp import web
 
 from scaiproxy import jsonutil
 from scaiproxy.routes import Call, RawJSON
@@ -60,10 +61,17 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     memo_key = f"list_page:{key}"
     if memo_key in response.memo:
         return response.memo[memo_key]
-    exact = _exact_page(response.body, key)
-    if exact is not None:
-        response.memo[memo_key] = RawJSON(exact)
-        return response.memo[memo_key]
+    pages = call.request.app.get(CHECKED_PAGES)
+    checked = pages.get(key, response.body) if pages is not None else None
+    if checked is None:
+        exact = _exact_page(response.body, key)
+        if exact is not None:
+            checked = RawJSON(exact)
+            if pages is not None:
+                pages.put(key, response.body, checked)
+    if checked is not None:
+        response.memo[memo_key] = checked
+        return checked
     what = f"a {key} page"
     text, members = _members(call, response, what)
     if "data" not in members:
@@ -99,6 +107,57 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     result = RawJSON(encoded)
     response.memo[memo_key] = result
     return result
+
+
+class CheckedPages:
+    """Pages that passed the shape check lately, with what was built from them.
+
+    A Live Runs panel polls a page that is often unchanged since its last poll.
+    The check and the value built from a page depend on its bytes alone, so a
+    page equal to one checked before reuses that value: one comparison of the
+    bytes instead of the check, three copies of the page and the envelope. One
+    page is kept per list key and body length; together the kept pages and
+    their values stay under ``max_bytes``, the oldest dropped first.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._size = 0
+        self._entries: dict[tuple[str, int], tuple[bytes, RawJSON]] = {}
+
+    def get(self, key: str, body: bytes) -> RawJSON | None:
+        entry = self._entries.get((key, len(body)))
+        if entry is None or entry[0] != body:
+            return None
+        return entry[1]
+
+    def put(self, key: str, body: bytes, value: RawJSON) -> None:
+        # The page, its value and the value's envelope, all about its size.
+        cost = 3 * len(body)
+        if cost > self.max_bytes:
+            return
+        old = self._entries.pop((key, len(body)), None)
+        if old is not None:
+            self._size -= 3 * len(old[0])
+        self._entries[(key, len(body))] = (body, value)
+        self._size += cost
+        while self._size > self.max_bytes:
+            oldest = next(iter(self._entries))
+            self._size -= 3 * len(self._entries.pop(oldest)[0])
+
+    @property
+    def size(self) -> int:
+        """The bytes kept, counting each page three times."""
+        return self._size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+#: The app's pages checked lately.
+CHECKED_PAGES = web.AppKey("checked_pages", CheckedPages)
+#: 8 MiB: a few hundred 50-event pages, or about ten pages of 500 events.
+CHECKED_PAGES_MAX_BYTES = 8 * 1024 * 1024
 
 
 class _Object(msgspec.Struct):

@@ -580,6 +580,9 @@ class TenantSecrets:
     base_url: str | None
 
 
+_NO_SECRETS = TenantSecrets(None, None)
+
+
 class TenantSecretCache:
     """Per-tenant secret reads, cached for a TTL (misses too), one lookup at a time.
 
@@ -613,7 +616,7 @@ class TenantSecretCache:
         for a tenant id that cannot name a secret.
         """
         if self.store is None:
-            return TenantSecrets(None, None)
+            return _NO_SECRETS
         entry = self._entries.get(tenant_id)
         if entry is not None and entry[0] > time.monotonic():
             return entry[1]

@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from scaiproxy.pages import _exact_page
+from scaiproxy.pages import CheckedPages, _exact_page
+from scaiproxy.routes import RawJSON
 
 DEEP = b"[" * 3000 + b"]" * 3000
 
@@ -71,3 +72,37 @@ def test_list_key_from_caller():
     body = b'{"data":{"checkpoints":[{"id":"c1"}],"next_cursor":null}}'
     assert _exact_page(body, "checkpoints") == body[8:-1]
     assert _exact_page(body, "events") is None
+
+
+# Pages checked lately
+
+
+def test_checked_page_reused_when_equal():
+    pages = CheckedPages(1024)
+    body = page(b'{"a":1}')
+    value = RawJSON(b"x")
+    pages.put("events", body, value)
+    assert pages.get("events", bytes(body)) is value
+    assert pages.get("checkpoints", body) is None
+
+
+def test_checked_page_not_reused_when_bytes_differ():
+    pages = CheckedPages(1024)
+    pages.put("events", page(b'{"a":1}'), RawJSON(b"x"))
+    assert pages.get("events", page(b'{"a":2}')) is None
+
+
+def test_checked_pages_stay_under_budget():
+    first, second = page(b'{"a":1}'), page(b'{"a":22}')
+    pages = CheckedPages(3 * len(first) + 3 * len(second) - 1)
+    pages.put("events", first, RawJSON(b"1"))
+    pages.put("events", second, RawJSON(b"2"))
+    assert pages.get("events", first) is None
+    assert pages.get("events", second) is not None
+    assert len(pages) == 1
+
+
+def test_checked_page_over_budget_not_kept():
+    pages = CheckedPages(10)
+    pages.put("events", page(b""), RawJSON(b"x"))
+    assert len(pages) == 0

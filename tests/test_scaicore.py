@@ -508,6 +508,21 @@ async def test_events_exact_shape_sent_as_is(gateway, upstream, viewer):
     assert body == b'{"data":' + data + b"}"
 
 
+async def test_changed_page_of_same_length_sent(gateway, upstream, viewer):
+    """A page is reused only when its bytes equal a page checked before."""
+    pages = [
+        b'{"data":{"events":[{"seq":1}],"next_cursor":"c1"}}',
+        b'{"data":{"events":[{"seq":2}],"next_cursor":"c2"}}',
+        b'{"data":{"events":[{"seq":1}],"next_cursor":"c1"}}',
+    ]
+    sent = []
+    for page in pages:
+        raw_route(upstream, "GET", EVENTS_UP, page)
+        response = await call_route(gateway, "events", viewer)
+        sent.append(await response.read())
+    assert sent == pages
+
+
 @pytest.mark.parametrize(
     "page",
     [
