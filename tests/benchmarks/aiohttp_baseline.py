@@ -2,7 +2,8 @@
 
 One shared ClientSession, the gateway's two GET paths, ``limit`` passed on, the
 tenant key and a new ``X-Request-ID`` sent upstream, and the body returned as
-it came. No token check, validation, envelope, logging or metrics.
+it came. No token check, validation, envelope, logging or metrics. It runs on
+uvloop when uvloop is installed, as scaiproxy does.
 
 With ``--cached`` it calls the upstream once per path and query and then
 responds to every request with the stored body: the most that an aiohttp server can
@@ -12,6 +13,7 @@ do on this machine, whatever the gateway behind it does.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import uuid
 
 import aiohttp
@@ -84,7 +86,17 @@ def main() -> None:
         port=args.port,
         access_log=None,
         print=None,
+        loop=new_event_loop(),
     )
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """Return a uvloop event loop where uvloop is installed, as scaiproxy runs on."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 if __name__ == "__main__":
