@@ -109,7 +109,7 @@ def make_handler(spec: RouteSpec) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
         settings = app[SETTINGS]
-        params = _path_params(path_params, request)
+        params = _path_params(path_params, request) if path_params else {}
         query = queries.validate(request)
         body = None
         if spec.body is not None:
@@ -158,7 +158,7 @@ def make_handler(spec: RouteSpec) -> Any:
             if exc.status >= 400:
                 raise
             result = exc
-        if isinstance(result, web.StreamResponse):
+        if not isinstance(result, RawJSON) and isinstance(result, web.StreamResponse):
             raise TypeError(
                 f"route {spec.name!r} coalesces, so its handler must return data, "
                 f"not a response (got HTTP {result.status})"
@@ -260,12 +260,14 @@ class SharedRuns:
 
 def envelope(result: Any, status: int = 200) -> web.StreamResponse:
     """Wrap a handler's result as ``{"data": ...}``."""
+    # RawJSON first: pages and lists are the common case, and StreamResponse,
+    # a MutableMapping, takes the slower isinstance check of abstract classes.
+    if isinstance(result, RawJSON):
+        return json_response(status, result.enveloped())
     if isinstance(result, web.StreamResponse):
         return result
     if isinstance(result, NoContent):
         return web.Response(status=204)
-    if isinstance(result, RawJSON):
-        return json_response(status, result.enveloped())
     return json_response(status, b'{"data":' + jsonutil.dumps(result) + b"}")
 
 
