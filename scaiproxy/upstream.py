@@ -88,6 +88,46 @@ def bad_gateway(message: str, **extra: Any) -> ProxyError:
     )
 
 
+class IdleDataError(aiohttp.ClientConnectionError):
+    """Every pooled connection tried had received data while idle."""
+
+
+class PoolGuardConnector(aiohttp.TCPConnector):
+    """A connector that never reuses a connection which received data while idle.
+
+    aiohttp (3.14.5) parses and queues a response that the upstream sends on a
+    pooled connection while no request is in flight, and hands that queued
+    response to the next request on the connection: a misbehaving or hostile
+    upstream, or a body longer than its Content-Length whose tail arrives late,
+    could answer one tenant's request with another's page. aiohttp checks
+    ``should_close`` when a connection returns to the pool but not when it is
+    taken out again, so this connector checks it then and closes the connection.
+    """
+
+    #: Connections to discard in a row before the call fails as 502.
+    MAX_DISCARDED = 3
+
+    async def connect(
+        self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Any:
+        for _ in range(self.MAX_DISCARDED):
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:
+                return connection
+            # SECURITY: what arrived belongs to no request of ours.
+            log.warning(
+                "upstream_connection_discarded",
+                host=req.url.host,
+                reason="data received while the connection was idle",
+            )
+            connection.close()
+        raise IdleDataError(
+            f"{self.MAX_DISCARDED} connections in a row to {req.url.host} had "
+            "received data while idle"
+        )
+
+
 class UpstreamClient:
     """The process-wide session and the logic shared by every upstream call."""
 
@@ -107,7 +147,7 @@ class UpstreamClient:
 
     @staticmethod
     def create_session(config: UpstreamConfig) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = PoolGuardConnector(
             limit=config.max_connections,
             limit_per_host=config.max_connections,
             keepalive_timeout=30,

@@ -625,3 +625,57 @@ async def test_store_recovers(make_gateway, upstream, jwks_server, token, tmp_pa
     response = await client.get(EVENTS, headers=bearer(token))
     assert response.status == 200
     assert upstream.last.headers["Authorization"] == f"Bearer {TENANT_KEY}"
+
+
+# --- responses pushed on an idle pooled connection ---------------------------------
+
+
+def _page_for(head: bytes) -> bytes:
+    """An events page that names the query string it answers."""
+    target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
+    query = target.partition("?")[2]
+    event = json.dumps({"answers": query}).encode()
+    body = b'{"data":{"events":[' + event + b'],"next_cursor":null}}'
+    return _response("200 OK", body)
+
+
+async def test_pushed_response_never_reaches_next_request(
+    make_gateway, raw_upstream, jwks_server, rsa_key, log_stream
+):
+    """A response that arrives while no request is in flight belongs to no one:
+    the connection is dropped, and the next caller gets the answer to its own
+    query, even when it is another tenant."""
+
+    async def answer_then_push_another(reader, writer) -> None:
+        # Answer each request, then push a second, unrequested response 50 ms
+        # later, while the gateway has the connection idle in its pool.
+        head = raw_upstream.heads[-1]
+        while head is not None:
+            writer.write(_page_for(head))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(_page_for(head))
+            await writer.drain()
+            head = await _read_head(reader)
+
+    raw_upstream.fault = answer_then_push_another
+    raw = base_config(raw_upstream.base_url, jwks_server.url)
+    client = await make_gateway(raw)
+    answers = []
+    for tenant, limit in (("acme", 7), ("globex", 3), ("acme", 4)):
+        token = mint(rsa_key, tenant_id=tenant, permissions=["scaicore:view"])
+        response = await client.get(
+            EVENTS, params={"limit": str(limit)}, headers=bearer(token)
+        )
+        assert response.status == 200
+        answers.append((await response.json())["data"]["events"][0]["answers"])
+        # Long enough for the pushed response to arrive while the connection idles.
+        await asyncio.sleep(0.2)
+    discarded = [
+        line
+        for line in log_stream.getvalue().splitlines()
+        if '"upstream_connection_discarded"' in line
+    ]
+    assert answers == ["limit=7", "limit=3", "limit=4"]
+    assert len(discarded) == 2
+
