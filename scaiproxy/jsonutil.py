@@ -10,6 +10,7 @@ members, so that event pages can be forwarded without re-encoding a single event
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from typing import Any
@@ -24,8 +25,18 @@ def _reject_constant(name: str) -> Any:
     raise JSONSyntaxError(f"{name} is not allowed in JSON")
 
 
+def _double(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise JSONRangeError(f"the number {text[:40]} is beyond the range of a double")
+    return value
+
+
 # NaN and Infinity are not JSON, and clients that parse strictly would fail on them.
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# Values that are encoded again need numbers that a double holds: a float
+# such as 1e400 would otherwise turn into the infinity that JSON cannot express.
+_double_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_double)
 _TOO_DEEP = "arrays and objects are nested too deeply"
 # Python converts at most 4,300 digits to an int (sys.get_int_max_str_digits)
 # because longer ones cost quadratic time. Beyond that int() raises a bare
@@ -40,6 +51,10 @@ class JSONSyntaxError(ValueError):
     """The text is not the JSON that was expected."""
 
 
+class JSONRangeError(JSONSyntaxError):
+    """A number is beyond the range of a double, where the text had to fit one."""
+
+
 def dumps(value: Any) -> bytes:
     """Encode ``value`` as compact UTF-8 JSON, exact for integers of any size."""
     try:
@@ -47,24 +62,35 @@ def dumps(value: Any) -> bytes:
     except TypeError:
         # orjson rejects integers beyond 64 bits, nesting deeper than 254 levels
         # and lone surrogates; the standard library encodes all three.
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        # allow_nan=False: a non-finite float raises ValueError instead of
+        # becoming the token Infinity, which is not JSON. (orjson writes null.)
+        text = json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
         try:
             return text.encode("utf-8")
         except UnicodeEncodeError:
             # A lone surrogate (valid in JSON text, not in UTF-8) stays escaped.
-            return json.dumps(value, separators=(",", ":")).encode("ascii")
+            return json.dumps(value, separators=(",", ":"), allow_nan=False).encode(
+                "ascii"
+            )
 
 
-def loads(data: bytes | str, max_depth: int | None = None) -> Any:
+def loads(
+    data: bytes | str, max_depth: int | None = None, doubles: bool = False
+) -> Any:
     """Decode JSON exactly: big integers stay integers, key order is kept.
 
     ``max_depth`` rejects documents whose arrays and objects nest deeper than
     that many levels, so that the value can later be encoded again safely.
+    ``doubles`` rejects, with :class:`JSONRangeError`, a number with a fraction
+    or exponent that a double cannot hold, such as ``1e400``. Such a number is
+    valid JSON, but decoded it is infinity, which JSON cannot express.
     """
     if isinstance(data, bytes | bytearray | memoryview):
         data = decode_text(bytes(data))
     try:
-        value = _decoder.decode(data)
+        value = (_double_decoder if doubles else _decoder).decode(data)
     except JSONSyntaxError:
         raise
     except (ValueError, RecursionError) as exc:

@@ -69,8 +69,16 @@ class UpstreamResponse:
         """Decode the body exactly, or raise 502 ``bad_gateway``."""
         if "json" not in self.memo:
             try:
-                # The depth cap keeps the decoded value safe to encode again.
-                self.memo["json"] = jsonutil.loads(self.body, max_depth=512)
+                # The depth cap and the range of doubles keep the decoded value
+                # safe to encode again.
+                self.memo["json"] = jsonutil.loads(
+                    self.body, max_depth=512, doubles=True
+                )
+            except jsonutil.JSONRangeError as exc:
+                raise bad_gateway(
+                    f"ScaiGrid responded with {str(exc)[:100]}, which the gateway "
+                    "cannot pass on as a JSON number."
+                ) from None
             except jsonutil.JSONSyntaxError as exc:
                 raise bad_gateway(
                     f"ScaiGrid responded with a body that is not JSON ({str(exc)[:100]})."

@@ -359,3 +359,19 @@ async def test_gateway_page_message_names_cause(
     assert detail["error"] == "bad_gateway"
     assert expected in detail["message"]
     assert "digits" not in detail["message"]
+
+
+def test_doubles_reject_out_of_range_number():
+    with pytest.raises(jsonutil.JSONRangeError, match="1e400 is beyond the range"):
+        jsonutil.loads(b'{"f": [1, 1e400]}', doubles=True)
+
+
+def test_out_of_range_number_kept_without_doubles():
+    # Request bodies are forwarded as their raw text, whatever their numbers.
+    assert jsonutil.loads(b"[1e400]") == [float("inf")]
+
+
+def test_dumps_never_writes_infinity():
+    # A big integer sends the value to the standard library's encoder.
+    with pytest.raises(ValueError):
+        jsonutil.dumps([2**70, float("inf")])

@@ -1090,3 +1090,41 @@ async def test_list_over_byte_limit_across_pages(
     assert detail["error"] == "bad_gateway"
     assert "upstream.max_response_bytes (1000 bytes)" in detail["message"]
     assert len(upstream.requests) == 3
+
+
+async def test_number_beyond_double_is_bad_gateway(gateway, upstream, token):
+    """1e400 is valid JSON but infinity once decoded, which JSON cannot express."""
+
+    async def page(request: web.Request) -> web.Response:
+        body = (
+            b'{"data":[{"id":"a","slug":"a","big":12345678901234567890123,"f":1e400}]}'
+        )
+        return web.Response(body=body, content_type="application/json")
+
+    upstream.route("GET", SCOPES, page)
+
+    response = await gateway.get("/api/v1/scaiqueue/scopes", headers=bearer(token))
+    body = await response.json()
+
+    assert response.status == 502
+    assert body["detail"]["error"] == "bad_gateway"
+    assert "1e400" in body["detail"]["message"]
+
+
+async def test_float_values_kept(gateway, upstream, token):
+    """Numbers that a double holds keep their value, and the answer stays JSON."""
+
+    async def page(request: web.Request) -> web.Response:
+        body = (
+            b'{"data":[{"id":"a","slug":"a","f":-2.5e-3,"n":12345678901234567890123}]}'
+        )
+        return web.Response(body=body, content_type="application/json")
+
+    upstream.route("GET", SCOPES, page)
+
+    response = await gateway.get("/api/v1/scaiqueue/scopes", headers=bearer(token))
+    text = await response.text()
+
+    assert response.status == 200
+    assert json.loads(text)["data"][0]["f"] == -0.0025
+    assert '"n":12345678901234567890123' in text
