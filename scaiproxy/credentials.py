@@ -57,9 +57,17 @@ def credentials_route(base_path: str) -> str:
     return f"POST {base_path}/v1/tenants/me/scaigrid_credentials"
 
 
+#: Keys shorter than this are masked whole: four plus four characters of a
+#: short key would show too much of it. A valid sgk_ key has at least 36.
+MIN_PARTLY_SHOWN = 24
+
+
 def mask(secret: str) -> str:
-    """Show a key as its first four and last four characters: ``sgk_…1234``."""
-    if len(secret) < 12:
+    """Show a key as its first four and last four characters: ``sgk_…1234``.
+
+    A key shorter than :data:`MIN_PARTLY_SHOWN` characters shows as ``…``.
+    """
+    if len(secret) < MIN_PARTLY_SHOWN:
         return "…"
     return f"{secret[:4]}…{secret[-4:]}"
 

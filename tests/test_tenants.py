@@ -115,6 +115,40 @@ async def test_read_mask_shows_eight_characters(client, rsa_key):
     assert masked.replace("…", "") == KEY_A[:4] + KEY_A[-4:]
 
 
+def store_directly(tmp_path: Path, **secrets: str) -> None:
+    """Write tenant acme's secrets as an operator would, past the route's checks."""
+    path = tmp_path / "secrets" / "secrets.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({f"tenants/acme/{name}": value for name, value in secrets.items()})
+    )
+    path.chmod(0o600)
+
+
+async def test_read_hides_base_url_credentials(client, rsa_key, tmp_path):
+    store_directly(
+        tmp_path,
+        scaigrid_api_key=KEY_A,
+        scaigrid_base_url="https://ops:hunter2@grid.example.com/v1?token=abc#part",
+    )
+    data = await read(client, member(rsa_key))
+    assert data["base_url"] == "https://grid.example.com/v1"
+    assert "hunter2" not in json.dumps(data)
+    assert "abc" not in json.dumps(data)
+
+
+async def test_read_hides_unparsable_base_url(client, rsa_key, tmp_path):
+    store_directly(tmp_path, scaigrid_api_key=KEY_A, scaigrid_base_url="not a url")
+    assert (await read(client, member(rsa_key)))["base_url"] is None
+
+
+async def test_read_masks_short_key_whole(client, rsa_key, tmp_path):
+    store_directly(tmp_path, scaigrid_api_key="superSecretValue")
+    data = await read(client, member(rsa_key))
+    assert data["configured"] is True
+    assert data["masked_key"] == "…"
+
+
 async def test_set_by_super_admin(client, rsa_key):
     response = await set_key(client, admin(rsa_key, role="super_admin"), api_key=KEY_A)
     assert response.status == 204

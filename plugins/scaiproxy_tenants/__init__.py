@@ -228,9 +228,29 @@ async def read_credentials(call: Call) -> dict[str, Any]:
         raise _tenant_id_error(tenant_id) from None
     return {
         "configured": secrets.api_key is not None,
-        "base_url": secrets.base_url,
+        "base_url": shown_base_url(secrets.base_url),
         "masked_key": mask(secrets.api_key) if secrets.api_key else None,
     }
+
+
+def shown_base_url(stored: str | None) -> str | None:
+    """Return a stored base URL fit to show any member of the tenant.
+
+    The gateway stores only base URLs without credentials, query or fragment,
+    but an operator may write the secret directly. Those parts, which may hold
+    a password or a token, are left out; a value that is not a URL shows as
+    ``None``.
+    """
+    if stored is None:
+        return None
+    try:
+        url = URL(stored.strip())
+    except (ValueError, TypeError):
+        return None
+    if not url.scheme or not url.host:
+        return None
+    # SECURITY: the URL's user, password, query and fragment are never shown.
+    return str(url.with_user(None).with_query(None).with_fragment(None))
 
 
 async def set_credentials(call: Call) -> NoContent:
