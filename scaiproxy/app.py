@@ -92,7 +92,11 @@ def create_app(
             )
         try:
             app.router.add_route(
-                spec.method, base + spec.path, make_handler(spec), name=spec.name
+                spec.method,
+                base + spec.path,
+                make_handler(spec),
+                name=spec.name,
+                expect_handler=protocol.expect_handler,
             )
         except (ValueError, RuntimeError) as exc:
             # aiohttp rejects names that are not identifiers, names already
@@ -222,7 +226,10 @@ def _add_operational_routes(
             document["body"] = jsonutil.dumps(build_openapi(settings, specs))
         return json_response(200, document["body"])
 
-    app.router.add_get("/healthz", healthz, name="healthz")
-    app.router.add_get("/readyz", readyz, name="readyz")
-    app.router.add_get("/metrics", metrics, name="metrics")
-    app.router.add_get(settings.server.openapi_path, openapi, name="openapi")
+    expect = protocol.expect_handler
+    app.router.add_get("/healthz", healthz, name="healthz", expect_handler=expect)
+    app.router.add_get("/readyz", readyz, name="readyz", expect_handler=expect)
+    app.router.add_get("/metrics", metrics, name="metrics", expect_handler=expect)
+    app.router.add_get(
+        settings.server.openapi_path, openapi, name="openapi", expect_handler=expect
+    )

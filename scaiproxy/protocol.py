@@ -14,7 +14,7 @@ import uuid
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web_protocol, web_server
+from aiohttp import HttpVersion11, web_protocol, web_server
 from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web import Response
 
@@ -82,6 +82,21 @@ class GatewayRequestHandler(web_protocol.RequestHandler):
         )
         response.force_close()
         return response
+
+
+async def expect_handler(request: Any) -> None:
+    """Answer ``Expect: 100-continue`` as aiohttp does, and ignore other values.
+
+    aiohttp's own handler answers any other expectation with a plain-text 417
+    before the middleware runs: no envelope, no ``X-Request-ID``, no access
+    event. RFC 9110 (section 10.1.1) lets a server ignore an expectation it
+    does not support, so the request goes on to the middleware instead.
+    """
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The interim response is not part of the response proper.
+        request.writer.output_size = 0
 
 
 def _clear_state(request: Any) -> None:

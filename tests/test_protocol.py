@@ -106,3 +106,31 @@ async def test_idle_connection_drops_last_body(gateway, upstream, rsa_key):
     kept_page_bytes = gateway.app[CHECKED_PAGES].size
     assert kept_page_bytes < 2_000_000
     assert retained_bytes - kept_page_bytes < IDLE_CONNECTIONS * 200_000 / 4
+
+
+# Expect headers
+
+
+async def test_unknown_expectation_enveloped(gateway, upstream):
+    """An expectation other than 100-continue is ignored: the request gets the
+    gateway's own answer, here 401, with the envelope and a request id."""
+    request = (
+        b"POST /api/v1/scaicore/cores/core_a/invoke HTTP/1.1\r\nHost: x\r\n"
+        b"Expect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    status, headers, body = await exchange(gateway.server.port, request)
+    assert status.startswith(b"HTTP/1.1 401")
+    assert headers["X-Request-ID"]
+    assert headers["Server"] == "scaiproxy"
+    assert json.loads(body)["detail"]["error"] == "missing_token"
+
+
+async def test_continue_expectation_answered(gateway, upstream, rsa_key):
+    token = mint(rsa_key, permissions=["scaicore:view"])
+    request = (
+        b"GET /api/v1/me HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\nConnection: close\r\n\r\n"
+    )
+    status, headers, body = await exchange(gateway.server.port, request)
+    assert status == b"HTTP/1.1 100 Continue"
+    assert b"HTTP/1.1 200 OK" in body
