@@ -65,6 +65,35 @@ class _Section(_Model):
     model_config = ConfigDict(extra="forbid")
 
 
+#: The characters of a path segment the gateway serves under: unreserved
+#: characters, so the path needs no escaping and holds no aiohttp {variable}.
+_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+#: Paths that the gateway serves itself, outside server.base_path.
+OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: A POSIX environment variable name.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):
+        raise ValueError(
+            "expected an environment variable name of letters, digits and _, "
+            f"such as SCAIGRID_API_KEY; got {value[:100]!r}"
+        )
+    return value
+
+
+def _check_path(value: str, example: str) -> str:
+    segments = value.split("/")[1:]
+    if not _PATH.fullmatch(value) or any(part in (".", "..") for part in segments):
+        raise ValueError(
+            f"expected a path such as {example}: a leading slash, segments of "
+            "letters, digits and . _ ~ - (not . or ..), no trailing slash; "
+            f"got {value[:100]!r}"
+        )
+    return value
+
+
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -77,8 +106,12 @@ class ServerConfig(_Section):
     @field_validator("openapi_path")
     @classmethod
     def _check_openapi_path(cls, value: str) -> str:
-        if not value.startswith("/") or "{" in value or "}" in value:
-            raise ValueError(f"expected a path such as /openapi.json, got {value!r}")
+        _check_path(value, "/openapi.json")
+        if value in OPERATIONAL_PATHS:
+            raise ValueError(
+                f"{value} is an operational route of the gateway; choose another "
+                "path, such as /openapi.json"
+            )
         return value
 
     @field_validator("base_path")
@@ -86,9 +119,11 @@ class ServerConfig(_Section):
     def _check_base_path(cls, value: str) -> str:
         if value in ("", "/"):
             return ""
-        if not value.startswith("/") or value.endswith("/") or "//" in value:
+        _check_path(value, "/api")
+        if value in OPERATIONAL_PATHS:
             raise ValueError(
-                "expected a path such as /api: a leading slash, no trailing slash"
+                f"{value} is an operational route of the gateway; choose another "
+                "path, such as /api"
             )
         return value
 
@@ -135,7 +170,9 @@ class AuthConfig(_Section):
         "RS256",
         "ES256",
     )
-    leeway_s: float = Field(30.0, ge=0)
+    # Clock skew allowed on exp, nbf and iat; more than 5 minutes would keep
+    # expired tokens alive long enough to defeat their expiry.
+    leeway_s: float = Field(30.0, ge=0, le=300)
     hs256_secret: str | None = None
     dev_principal: DevPrincipal = DevPrincipal()
     role_permissions: dict[str, tuple[str, ...]] = Field(
@@ -150,6 +187,29 @@ class AuthConfig(_Section):
     upstream_credentials: Literal["auto", "user_jwt", "api_key"] = "auto"
     env_api_key_var: str = "SCAIGRID_API_KEY"
 
+    @field_validator("jwks_url")
+    @classmethod
+    def _check_jwks_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from yarl import URL
+
+        try:
+            url = URL(value)
+        except (ValueError, TypeError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(
+                f"expected an http or https URL of ScaiKey's JWKS document, got "
+                f"{value[:100]!r}"
+            )
+        return value
+
+    @field_validator("env_api_key_var")
+    @classmethod
+    def _check_env_api_key_var(cls, value: str) -> str:
+        return _check_env_name(value)
+
 
 class FileSecretsConfig(_Section):
     path: str = "var/secrets.json"
@@ -158,6 +218,11 @@ class FileSecretsConfig(_Section):
 class ScaiVaultConfig(_Section):
     base_url: str = ""
     token_env: str = "SCAIVAULT_TOKEN"
+
+    @field_validator("token_env")
+    @classmethod
+    def _check_token_env(cls, value: str) -> str:
+        return _check_env_name(value)
     timeout_s: float = Field(5.0, gt=0)
 
     @field_validator("base_url")

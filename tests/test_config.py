@@ -581,3 +581,66 @@ def test_cli_deep_yaml_exits_2(tmp_path):
     assert "is nested too deeply" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- paths, URLs and names that would break only at run time ---------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("base_path", "/api/../x"),
+        ("base_path", "/{x}"),
+        ("base_path", "/a b"),
+        ("base_path", "/api?x"),
+        ("base_path", "/é"),
+        ("base_path", "/metrics"),
+        ("openapi_path", "/healthz"),
+        ("openapi_path", "/docs/{name}"),
+        ("openapi_path", "openapi.json"),
+    ],
+)
+def test_server_path_rejected(key, value):
+    error = rejected(config(server={key: value}))
+    assert error.key == f"server.{key}"
+    assert "expected a path" in str(error) or "operational route" in str(error)
+
+
+@pytest.mark.parametrize("value", ["/api", "/scaiproxy-api/v2", "/a.b_c~d"])
+def test_server_base_path_accepted(value):
+    settings = settings_from_mapping(config(server={"base_path": value}), environ={})
+    assert settings.server.base_path == value
+
+
+@pytest.mark.parametrize("value", ["file:///etc/passwd", "jwks.json", "ftp://h/j"])
+def test_jwks_url_scheme_rejected(value):
+    error = rejected(config(auth={"jwks_url": value}))
+    assert error.key == "auth.jwks_url"
+    assert "http or https URL" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("auth.env_api_key_var", ""),
+        ("auth.env_api_key_var", "A=B"),
+        ("auth.env_api_key_var", "9KEY"),
+        ("secrets.scaivault.token_env", "VAULT TOKEN"),
+    ],
+)
+def test_environment_variable_name_rejected(key, value):
+    section, _, rest = key.partition(".")
+    raw = config()
+    if "." in rest:
+        block, _, field = rest.partition(".")
+        raw[section] = {**raw[section], block: {field: value}}
+    else:
+        raw[section] = {**raw[section], rest: value}
+    error = rejected(raw)
+    assert error.key == key
+    assert "environment variable name" in str(error)
+
+
+def test_leeway_over_five_minutes_rejected():
+    error = rejected(config(auth={"leeway_s": 1e15}))
+    assert error.key == "auth.leeway_s"
