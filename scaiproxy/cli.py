@@ -39,6 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+
+def port_number(text: str) -> int:
+    """Parse a TCP port for argparse: 0 to 65535, where 0 picks a free one."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port from 0 to 65535, got {text!r}"
+        )
+    return port
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scaiproxy",
@@ -82,8 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run the simulator and the gateway together, with sample curls"
     )
     with_config(demo)
-    demo.add_argument("--port", type=int, help="gateway port (default server.port)")
-    demo.add_argument("--sim-port", type=int, default=8701, help="simulator port")
+    demo.add_argument(
+        "--port", type=port_number, help="gateway port (default server.port)"
+    )
+    demo.add_argument(
+        "--sim-port", type=port_number, default=8701, help="simulator port"
+    )
     demo.set_defaults(run=_demo)
     return parser
 

@@ -87,9 +87,18 @@ async def _demo(config: str | None, gateway_port: int | None, sim_port: int) -> 
     token = simulator.mint_token(
         DEMO_TENANT, sub="demo-user", roles=["tenant_admin"], ttl_s=12 * 3600
     )
-    TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
-    TOKEN_FILE.write_text(token + "\n", encoding="utf-8")
-    os.chmod(TOKEN_FILE, 0o600)
+    try:
+        _write_token(token)
+    except OSError as exc:
+        await runner.cleanup()
+        await simulator.stop()
+        print(
+            f"scaiproxy demo: cannot write the demo token to {TOKEN_FILE} "
+            f"({exc.strerror or exc}); run the demo in a folder where it can "
+            f"create {TOKEN_FILE}",
+            file=sys.stderr,
+        )
+        return 1
 
     checkpoint_id = await _pending_checkpoint(base, token)
     status = await _first_request(base, token)
@@ -103,6 +112,16 @@ async def _demo(config: str | None, gateway_port: int | None, sim_port: int) -> 
     await runner.cleanup()
     await simulator.stop()
     return 0
+
+
+def _write_token(token: str) -> None:
+    """Write the token to ``TOKEN_FILE``, readable by its owner only."""
+    TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    # Created with mode 0600, so the token is never readable by others.
+    descriptor = os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(token + "\n")
+    os.chmod(TOKEN_FILE, 0o600)
 
 
 async def _pending_checkpoint(base: str, token: str) -> str | None:

@@ -203,3 +203,46 @@ def test_simulator_module_help_names_module():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m scaiproxy.simulator ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sim", "--port", "70000"),
+        ("sim", "--port", "-5"),
+        ("demo", "--sim-port", "70000"),
+        ("demo", "--port", "eighty"),
+    ],
+)
+def test_port_out_of_range_explained(args):
+    result = run(*args)
+    assert result.returncode == 2
+    assert "expected a port from 0 to 65535" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_sim_latency_must_be_finite(value):
+    result = run("sim", "--latency-ms", value)
+    assert result.returncode == 2
+    assert "latency_ms must be from 0 to" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_explains_unwritable_token_file(tmp_path):
+    (tmp_path / "var").write_text("a file where the demo wants a folder\n")
+    config = tmp_path / "config.yaml"
+    config.write_text((ROOT / "config.yaml").read_text())
+    result = run(
+        "demo",
+        "--config",
+        str(config),
+        "--port",
+        str(free_port()),
+        "--sim-port",
+        str(free_port()),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "cannot write the demo token to var/demo-token" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 
+from scaiproxy.cli import port_number
 from scaiproxy.simulator.options import MODELS_SHAPES, SimOptions
 from scaiproxy.simulator.server import Simulator
 
@@ -34,7 +35,10 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
 
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="TCP port; 0 picks a free one."
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help="TCP port; 0 picks a free one.",
     )
 
     parser.add_argument(

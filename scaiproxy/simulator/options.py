@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 #: Shapes that ``GET /v1/models`` can take, see :attr:`SimOptions.models_shape`.
 MODELS_SHAPES = ("native", "items", "openai")
+#: The longest added latency: ten minutes, beyond any gateway timeout worth testing.
+MAX_LATENCY_MS = 600_000
+#: The longest pause between background invocations: one day.
+MAX_ACTIVITY_INTERVAL_S = 86_400
 
 
 @dataclass
@@ -42,9 +46,12 @@ class SimOptions:
             rate_limit_per_minute=self.rate_limit_per_minute,
             models_shape=self.models_shape,
         )
-        if self.activity_interval_s is not None and self.activity_interval_s <= 0:
+        if self.activity_interval_s is not None and not (
+            0 < self.activity_interval_s <= MAX_ACTIVITY_INTERVAL_S
+        ):
             raise ValueError(
-                "activity_interval_s must be a positive number of seconds or None, "
+                "activity_interval_s must be a number of seconds above 0 and at most "
+                f"{MAX_ACTIVITY_INTERVAL_S}, or None, "
                 f"got {self.activity_interval_s!r}"
             )
 
@@ -57,8 +64,11 @@ def validate_faults(
     models_shape: str,
 ) -> None:
     """Raise ValueError naming the first fault setting that is out of range."""
-    if latency_ms < 0:
-        raise ValueError(f"latency_ms must be 0 or more, got {latency_ms!r}")
+    if not 0 <= latency_ms <= MAX_LATENCY_MS:
+        # Also rejects NaN, and infinity, which would hold every request forever.
+        raise ValueError(
+            f"latency_ms must be from 0 to {MAX_LATENCY_MS}, got {latency_ms!r}"
+        )
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"error_rate must be between 0 and 1, got {error_rate!r}")
     if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
