@@ -116,9 +116,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     app = create_app(settings)
+    count = len(app[ROUTES])
     print(
-        f"configuration is valid: {len(app[ROUTES])} routes, plugins "
-        f"{', '.join(settings.plugins.enabled) or 'none'}"
+        f"configuration is valid: {count} route{'' if count == 1 else 's'}, "
+        f"plugins {', '.join(settings.plugins.enabled) or 'none'}"
     )
     return 0
 
@@ -186,6 +187,12 @@ def run_worker(config: str | None, host: str, port: int, reuse_port: bool) -> No
             handle_signals=True,
             loop=new_event_loop(),
         )
+    except socket.gaierror as exc:
+        raise SystemExit(
+            f"scaiproxy: cannot listen on {host}:{port}: the host name does not "
+            f"resolve ({exc.strerror or exc}); set server.host or pass --host "
+            "with an address of this machine, such as 127.0.0.1"
+        ) from None
     except OSError as exc:
         raise SystemExit(
             f"scaiproxy: cannot listen on {host}:{port}: {exc.strerror or exc}; "

@@ -64,15 +64,31 @@ class ProxyError(Exception):
         return f"ProxyError({self.status}, {self.error!r}, {self.message!r})"
 
 
+#: Problems listed in one 422; a request with thousands of unknown query
+#: parameters would otherwise get an answer many times its own size.
+MAX_LISTED_ERRORS = 20
+
+
 def validation_error(errors: list[dict[str, str]]) -> ProxyError:
-    """Build the 422 error for a list of ``{"field", "message"}`` entries."""
-    fields = ", ".join(entry["field"] for entry in errors)
+    """Build the 422 error for a list of ``{"field", "message"}`` entries.
+
+    The first :data:`MAX_LISTED_ERRORS` entries are listed; ``unlisted``
+    counts the rest.
+    """
+    listed = errors[:MAX_LISTED_ERRORS]
+    unlisted = len(errors) - len(listed)
+    fields = ", ".join(entry["field"] for entry in listed)
+    if unlisted:
+        fields += f" and {unlisted} more"
+    extra: dict[str, Any] = {"errors": listed}
+    if unlisted:
+        extra["unlisted"] = unlisted
     return ProxyError(
         422,
         VALIDATION_ERROR,
         f"Invalid request: {fields}.",
         fix="Correct the listed fields and send the request again.",
-        errors=errors,
+        **extra,
     )
 
 

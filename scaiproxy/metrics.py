@@ -227,8 +227,8 @@ class Metrics:
         self.upstream_errors = Counter(
             "scaiproxy_upstream_errors",
             "Upstream failures, by route and kind (timeout, connection, "
-            "server_error, client_error, auth_failed, rate_limited, too_large, "
-            "bad_shape).",
+            "bad_response, server_error, client_error, auth_failed, rate_limited, "
+            "too_large, bad_shape).",
             ["route", "kind"],
             registry=self.registry,
         )

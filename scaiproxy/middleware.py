@@ -262,6 +262,8 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyE
             405,
             METHOD_NOT_ALLOWED,
             f"{request.method} is not allowed on {request.path[:200]}; use {allowed}.",
+            fix=f"Send the request with {allowed}; GET /openapi.json lists each "
+            "route's methods.",
             headers={"Allow": allowed},
         )
     if exc.status == 413:

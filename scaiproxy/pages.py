@@ -72,7 +72,7 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     if checked is not None:
         response.memo[memo_key] = checked
         return checked
-    what = f"a {key} page"
+    what = f"{'an' if key[:1] in 'aeiou' else 'a'} {key} page"
     text, members = _members(call, response, what)
     if "data" not in members:
         raise shape_error(call, what, "no 'data' member")

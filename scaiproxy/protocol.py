@@ -68,9 +68,10 @@ class GatewayRequestHandler(web_protocol.RequestHandler):
         else:
             code = "bad_request"
             text = (
-                f"The request is not valid HTTP ({phrase or status}): the request "
-                "line or a header is malformed or longer than 16 KiB, or there are "
-                "more than 128 header lines."
+                f"The request is not valid HTTP ({phrase or status}): its request "
+                "line, a header or the framing of its body is malformed, a line is "
+                "longer than 16 KiB, there are more than 128 header lines, or its "
+                "Content-Encoding is not gzip or deflate."
             )
             fix = "Send a well-formed HTTP/1.1 request."
         detail = {"error": code, "message": text, "fix": fix}

@@ -120,6 +120,8 @@ class FileSecretStore:
         self._json = self.path.suffix.lower() == ".json"
         self._snapshot: _Snapshot | None = None
         self._lock = asyncio.Lock()
+        #: The loose mode last warned about, so one mode is warned about once.
+        self._warned_mode: int | None = None
 
     async def get(self, path: str) -> str | None:
         check_secret_path(path)
@@ -317,7 +319,10 @@ class FileSecretStore:
             mode = stat.S_IMODE(self.path.stat().st_mode)
         except OSError:
             return
-        if mode & 0o077:
+        if not mode & 0o077:
+            self._warned_mode = None
+        elif mode != self._warned_mode:
+            self._warned_mode = mode
             log.warning(
                 "secrets_file_permissions",
                 path=str(self.path),

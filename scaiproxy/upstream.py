@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger("scaiproxy.upstream")
 
 USER_AGENT = f"scaiproxy/{__version__}"
+#: How messages name each credential source.
+CREDENTIAL_NAMES = {
+    "user_jwt": "user token",
+    "tenant_key": "tenant key",
+    "env_key": "development key",
+}
 #: ScaiGrid statuses passed on to the caller as ``upstream_error``.
 PASSED_STATUSES = frozenset({400, 401, 403, 404, 409, 422})
 _RATE_LIMIT_PREFIX = "x-scaigrid-ratelimit-"
@@ -268,6 +274,20 @@ class UpstreamClient:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 raise bad_gateway("The connection to ScaiGrid failed.") from None
+            except aiohttp.ClientResponseError as exc:
+                # aiohttp's parser rejected the response: a bad status line or
+                # header, conflicting lengths, an encoding it cannot decode.
+                self._count_error(route, "bad_response")
+                log.warning(
+                    "upstream_bad_response",
+                    route=route,
+                    url=str(url.with_query(None)),
+                    error=f"{type(exc).__name__}: {str(exc)[:300]}",
+                )
+                raise bad_gateway(
+                    "ScaiGrid's response is not valid HTTP, or uses a "
+                    "Content-Encoding other than gzip or deflate."
+                ) from None
             except aiohttp.ClientError as exc:
                 self._count_error(route, "connection")
                 log.warning(
@@ -387,7 +407,7 @@ class UpstreamClient:
             return ProxyError(
                 502,
                 UPSTREAM_AUTH_FAILED,
-                f"ScaiGrid rejected the {credential.source.replace('_', ' ')} "
+                f"ScaiGrid rejected the {CREDENTIAL_NAMES[credential.source]} "
                 f"({credential.masked}) with HTTP {status}.",
                 fix=(
                     "The key is wrong or revoked: a tenant admin stores a new one "

@@ -89,6 +89,14 @@ def test_check_config_rejects_without_traceback(tmp_path, text, expected):
     assert "Traceback" not in result.stderr
 
 
+def test_serve_unresolvable_host_explains():
+    result = run("serve", "--host", "not a host!!", "--port", str(free_port()))
+    assert result.returncode != 0
+    assert "the host name does not resolve" in result.stderr
+    assert "server.host" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_busy_port_explains(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

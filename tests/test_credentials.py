@@ -404,6 +404,7 @@ async def test_rejected_tenant_key_is_502(
     assert body["detail"]["error"] == "upstream_auth_failed"
     assert CREDENTIALS_ROUTE in body["detail"]["fix"]
     assert "sgk_…KLMN" in body["detail"]["message"]
+    assert "rejected the tenant key" in body["detail"]["message"]
 
 
 async def test_rejected_env_key_is_502(make_gateway, upstream, tmp_path):
@@ -414,6 +415,7 @@ async def test_rejected_env_key_is_502(make_gateway, upstream, tmp_path):
     assert status == 502
     assert body["detail"]["error"] == "upstream_auth_failed"
     assert "environment variable" in body["detail"]["fix"]
+    assert "rejected the development key" in body["detail"]["message"]
 
 
 async def test_rejected_jwt_passes_status(make_gateway, upstream, jwks_server, rsa_key):

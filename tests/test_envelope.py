@@ -189,6 +189,7 @@ async def test_method_not_allowed_sets_allow(client, token):
     assert response.status == 405
     assert response.headers["Allow"] == "GET"
     assert "PUT" in detail["message"]
+    assert detail["fix"].startswith("Send the request with GET")
 
 
 async def test_method_not_allowed_on_operational_route(client):
@@ -426,6 +427,18 @@ async def test_unknown_query_parameter(client, token):
     assert response.status == 422
     assert fields == ["lmit", "x"]
     assert "allowed: limit, name" in detail["errors"][0]["message"]
+
+
+async def test_many_unknown_parameters_listed_briefly(client, token):
+    query = "&".join(f"p{number}=1" for number in range(1500))
+    response = await client.get(f"{ITEMS}?{query}", headers=bearer(token))
+    body = await response.read()
+    detail = json.loads(body)["detail"]
+    assert response.status == 422
+    assert len(detail["errors"]) == 20
+    assert detail["unlisted"] == 1480
+    assert detail["message"].endswith("p19 and 1480 more.")
+    assert len(body) < len(query)
 
 
 async def test_query_on_route_without_query(client, token):

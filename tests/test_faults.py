@@ -627,6 +627,36 @@ async def test_store_recovers(make_gateway, upstream, jwks_server, token, tmp_pa
     assert upstream.last.headers["Authorization"] == f"Bearer {TENANT_KEY}"
 
 
+# --- responses that are not valid HTTP ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 4\r\n\r\nabcd",
+        b"\x00\x01 not HTTP at all\r\n\r\n",
+    ],
+    ids=["status", "two_lengths", "brotli", "garbage"],
+)
+async def test_invalid_http_named_in_502(
+    answer, make_gateway, raw_upstream, jwks_server, token, log_stream
+):
+    async def write_answer(reader, writer) -> None:
+        writer.write(answer)
+        await writer.drain()
+
+    raw_upstream.fault = write_answer
+    client = await make_gateway(base_config(raw_upstream.base_url, jwks_server.url))
+    response = await client.get(EVENTS, headers=bearer(token))
+    detail = (await response.json())["detail"]
+    assert response.status == 502
+    assert detail["error"] == "bad_gateway"
+    assert "not valid HTTP" in detail["message"]
+    assert '"upstream_bad_response"' in log_stream.getvalue()
+
+
 # --- responses pushed on an idle pooled connection ---------------------------------
 
 

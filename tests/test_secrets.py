@@ -248,6 +248,22 @@ async def test_file_mode_kept_after_rewrite(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+async def test_loose_mode_warned_once_per_mode(tmp_path, log_stream):
+    path = tmp_path / "secrets.json"
+    store = FileSecretStore(path)
+    for number, mode in enumerate((0o644, 0o644, 0o640, 0o600, 0o644)):
+        # A new value each time, so that every read decodes the file again.
+        path.write_text(json.dumps({KEY_PATH: KEY_A + str(number)}))
+        path.chmod(mode)
+        assert await store.get(KEY_PATH) == KEY_A + str(number)
+    warnings = [
+        json.loads(line)
+        for line in log_stream.getvalue().splitlines()
+        if '"secrets_file_permissions"' in line
+    ]
+    assert [warning["mode"] for warning in warnings] == ["0o644", "0o640", "0o644"]
+
+
 async def test_file_write_leaves_no_temporary(tmp_path):
     store = FileSecretStore(tmp_path / "secrets.json")
     await store.put(KEY_PATH, KEY_A)
