@@ -248,7 +248,9 @@ class UpstreamClient:
                     504,
                     UPSTREAM_TIMEOUT,
                     f"ScaiGrid did not answer within {timeout_s:g} s.",
-                    fix="Try again; long-running work may need a longer route timeout.",
+                    fix="Try again; long-running work may need a longer route "
+                    "timeout. The time includes waiting for a free connection, so "
+                    "many calls at once may need a higher upstream.max_connections.",
                 ) from None
             except _TooLarge:
                 self._count_error(route, "too_large")
