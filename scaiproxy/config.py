@@ -65,8 +65,8 @@ class _Section(_Model):
     model_config = ConfigDict(extra="forbid")
 
 
-#: The characters of a path segment the gateway serves under: unreserved
-#: characters, so the path needs no escaping and holds no aiohttp {variable}.
+#: A path the gateway serves under, of unreserved characters: it needs no
+#: escaping and contains no aiohttp {variable}.
 _PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 #: Paths that the gateway serves itself, outside server.base_path.
 OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})

@@ -36,7 +36,7 @@ _SECRET_PATTERNS = (
 
 #: The fields of the request being served (request id, tenant, subject), which
 #: every log line of the request carries. The middleware sets a new dict for
-#: each request; one variable costs less to set than structlog's one per field.
+#: each request. One variable costs less to set than structlog's one per field.
 REQUEST_LOG_FIELDS: contextvars.ContextVar[dict[str, Any] | None] = (
     contextvars.ContextVar("scaiproxy_request_log_fields", default=None)
 )

@@ -66,9 +66,14 @@ def list_page(call: Call, response: UpstreamResponse, key: str) -> RawJSON:
     if checked is None:
         exact = _exact_page(response.body, key)
         if exact is not None:
-            checked = RawJSON(exact)
+            body = response.body
+            if len(exact) == len(body) - len(b'{"data":}') and body[:8] == b'{"data":':
+                # A compact page is its own envelope: send it as it came.
+                checked = RawJSON.of_envelope(body)
+            else:
+                checked = RawJSON(exact)
             if pages is not None:
-                pages.put(key, response.body, checked)
+                pages.put(key, body, checked)
     if checked is not None:
         response.memo[memo_key] = checked
         return checked
@@ -113,9 +118,9 @@ class CheckedPages:
     """Pages that passed the shape check lately, with what was built from them.
 
     A Live Runs panel polls a page that is often unchanged since its last poll.
-    The check and the value built from a page depend on its bytes alone, so a
-    page equal to one checked before reuses that value: one comparison of the
-    bytes instead of the check, three copies of the page and the envelope. One
+    The check and the value built from a page depend on its bytes alone. So a
+    page equal to one checked before reuses that value, and one comparison of
+    the bytes replaces the check, three copies of the page and the envelope. One
     page is kept per list key and body length; together the kept pages and
     their values stay under ``max_bytes``, the oldest dropped first.
     """
@@ -132,22 +137,27 @@ class CheckedPages:
         return entry[1]
 
     def put(self, key: str, body: bytes, value: RawJSON) -> None:
-        # The page, its value and the value's envelope, all about its size.
-        cost = 3 * len(body)
+        cost = self._cost(body, value)
         if cost > self.max_bytes:
             return
         old = self._entries.pop((key, len(body)), None)
         if old is not None:
-            self._size -= 3 * len(old[0])
+            self._size -= self._cost(*old)
         self._entries[(key, len(body))] = (body, value)
         self._size += cost
         while self._size > self.max_bytes:
-            oldest = next(iter(self._entries))
-            self._size -= 3 * len(self._entries.pop(oldest)[0])
+            oldest = self._entries.pop(next(iter(self._entries)))
+            self._size -= self._cost(*oldest)
+
+    @staticmethod
+    def _cost(body: bytes, value: RawJSON) -> int:
+        # The page alone when it is its own envelope; otherwise also the value
+        # cut from it and that value's envelope, each about the page's size.
+        return len(body) if value.enveloped() is body else 3 * len(body)
 
     @property
     def size(self) -> int:
-        """The bytes kept, counting each page three times."""
+        """The bytes kept: pages, and the values and envelopes cut from them."""
         return self._size
 
     def __len__(self) -> int:

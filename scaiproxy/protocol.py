@@ -86,7 +86,8 @@ class GatewayRequestHandler(web_protocol.RequestHandler):
 
 
 async def expect_handler(request: Any) -> None:
-    """Answer ``Expect: 100-continue`` as aiohttp does, and ignore other values.
+    """Send ``100 Continue`` for ``Expect: 100-continue``, as aiohttp does, and
+    ignore other expectations.
 
     aiohttp's own handler answers any other expectation with a plain-text 417
     before the middleware runs: no envelope, no ``X-Request-ID``, no access

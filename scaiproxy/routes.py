@@ -23,6 +23,9 @@ _placeholder = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 Handler = Callable[["Call"], Awaitable[Any]]
 
 
+_ENVELOPE_START = b'{"data":'
+
+
 class RawJSON:
     """A value that is already encoded as JSON and is sent as it is.
 
@@ -30,11 +33,33 @@ class RawJSON:
     ``data`` member of the envelope without decoding and encoding them again.
     """
 
-    __slots__ = ("_enveloped", "encoded")
+    __slots__ = ("_encoded", "_enveloped")
 
     def __init__(self, encoded: bytes) -> None:
-        self.encoded = encoded
+        self._encoded: bytes | None = encoded
         self._enveloped: bytes | None = None
+
+    @classmethod
+    def of_envelope(cls, enveloped: bytes) -> RawJSON:
+        """Wrap a body that is ``{"data":<value>}`` already, byte for byte.
+
+        The body itself becomes the response body, without a copy; the value's
+        own bytes are cut from it only when :attr:`encoded` is read.
+        """
+        if not (enveloped.startswith(_ENVELOPE_START) and enveloped.endswith(b"}")):
+            raise ValueError("expected a body of the form {\"data\":...}")
+        value = cls.__new__(cls)
+        value._encoded = None
+        value._enveloped = enveloped
+        return value
+
+    @property
+    def encoded(self) -> bytes:
+        """The value's JSON text."""
+        if self._encoded is None:
+            assert self._enveloped is not None
+            self._encoded = self._enveloped[len(_ENVELOPE_START) : -1]
+        return self._encoded
 
     def enveloped(self) -> bytes:
         """Return ``{"data": <encoded>}``, built once per value.
@@ -43,7 +68,7 @@ class RawJSON:
         response body instead of each copying the page.
         """
         if self._enveloped is None:
-            self._enveloped = b'{"data":' + self.encoded + b"}"
+            self._enveloped = _ENVELOPE_START + self.encoded + b"}"
         return self._enveloped
 
     def __repr__(self) -> str:

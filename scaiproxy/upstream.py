@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("scaiproxy.upstream")
 
 USER_AGENT = f"scaiproxy/{__version__}"
-#: How messages name each credential source.
+#: The names of the credential sources in messages.
 CREDENTIAL_NAMES = {
     "user_jwt": "user token",
     "tenant_key": "tenant key",
@@ -111,9 +111,9 @@ class PoolGuardConnector(aiohttp.TCPConnector):
 
     aiohttp (3.14.5) parses and queues a response that the upstream sends on a
     pooled connection while no request is in flight, and hands that queued
-    response to the next request on the connection: a misbehaving or hostile
+    response to the next request on the connection. A misbehaving or hostile
     upstream, or a body longer than its Content-Length whose tail arrives late,
-    could answer one tenant's request with another's page. aiohttp checks
+    could so give one tenant's request another tenant's page. aiohttp checks
     ``should_close`` when a connection returns to the pool but not when it is
     taken out again, so this connector checks it then and closes the connection.
     """

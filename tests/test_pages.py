@@ -106,3 +106,22 @@ def test_checked_page_over_budget_not_kept():
     pages = CheckedPages(10)
     pages.put("events", page(b""), RawJSON(b"x"))
     assert len(pages) == 0
+
+
+def test_compact_page_is_its_own_envelope():
+    body = b'{"data":{"events":[{"a":1}],"next_cursor":null}}'
+    value = RawJSON.of_envelope(body)
+    assert value.enveloped() is body
+    assert value.encoded == b'{"events":[{"a":1}],"next_cursor":null}'
+
+
+def test_of_envelope_rejects_other_bodies():
+    with pytest.raises(ValueError, match="of the form"):
+        RawJSON.of_envelope(b' {"data":[]}')
+
+
+def test_own_envelope_counted_once():
+    body = page(b'{"a":1}')
+    pages = CheckedPages(1024)
+    pages.put("events", body, RawJSON.of_envelope(body))
+    assert pages.size == len(body)

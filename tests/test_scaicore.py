@@ -508,6 +508,15 @@ async def test_events_exact_shape_sent_as_is(gateway, upstream, viewer):
     assert body == b'{"data":' + data + b"}"
 
 
+async def test_compact_page_sent_as_it_came(gateway, upstream, viewer):
+    event = b'{"n":123456789012345678901234567890}'
+    page = b'{"data":{"events":[' + event + b'],"next_cursor":"c"}}'
+    raw_route(upstream, "GET", EVENTS_UP, page)
+    response = await call_route(gateway, "events", viewer)
+    assert response.status == 200
+    assert await response.read() == page
+
+
 async def test_changed_page_of_same_length_sent(gateway, upstream, viewer):
     """A page is reused only when its bytes equal a page checked before."""
     pages = [
