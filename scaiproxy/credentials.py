@@ -151,8 +151,19 @@ class CredentialResolver:
 
     async def resolve(self, principal: Principal) -> Credential:
         """Choose the credential and base URL, or raise a 412 or 502."""
+        secrets = self._secrets.cached(principal.tenant_id)
+        if secrets is None:
+            secrets = await self._tenant_secrets(principal.tenant_id)
+        return self._choose(principal, secrets)
+
+    def resolve_cached(self, principal: Principal) -> Credential | None:
+        """Choose the credential as :meth:`resolve` does when the tenant's
+        secrets are cached, without awaiting; ``None`` when they are not."""
+        secrets = self._secrets.cached(principal.tenant_id)
+        return None if secrets is None else self._choose(principal, secrets)
+
+    def _choose(self, principal: Principal, secrets: TenantSecrets) -> Credential:
         tenant = principal.tenant_id
-        secrets = await self._tenant_secrets(tenant)
         base_url = self._base_url(tenant, secrets.base_url)
 
         for source in self.order:

@@ -74,6 +74,8 @@ def make_handler(spec: RouteSpec) -> Any:
     def upstream_caller(
         request: web.Request, resolve: Any, credential: Credential | None = None
     ) -> UpstreamCaller:
+        """Build the request's upstream caller; a credential given means the
+        caller serves a shared run, whose GETs need no coalescing of their own."""
         upstream = UpstreamCaller(
             request.app[UPSTREAM],
             resolve,
@@ -82,6 +84,7 @@ def make_handler(spec: RouteSpec) -> Any:
             spec.name,
             _traceparent(request),
             credential=credential,
+            coalesce=credential is None,
         )
         request[UPSTREAM_CALLS] = upstream
         return upstream
@@ -128,7 +131,9 @@ def make_handler(spec: RouteSpec) -> Any:
             pending = spec.handler(call)
         else:
             # Everything a coalesced route's result depends on is in the key.
-            credential = await resolver.resolve(principal)
+            credential = resolver.resolve_cached(principal)
+            if credential is None:
+                credential = await resolver.resolve(principal)
             metrics.child(metrics.credential_sources, credential.source).inc()
             key = (
                 request.rel_url.raw_query_string,

@@ -198,6 +198,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "scaiproxy_requests",
             "Requests answered, by route, method and status.",
@@ -251,6 +252,20 @@ class Metrics:
             ["route"],
             registry=self.registry,
         )
+
+    def record_request(
+        self, route: str, method: str, status: int, duration_s: float
+    ) -> None:
+        """Count one served request and observe its duration."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.duration.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """Return ``metric.labels(*labels)``, cached: label lookups cost more

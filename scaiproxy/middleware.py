@@ -161,8 +161,7 @@ def gateway_middleware(metrics: Metrics) -> Any:
                     path=request.path[:512],
                     duration_ms=round(duration * 1000, 3),
                 )
-            metrics.child(metrics.requests, route, request.method, str(status)).inc()
-            metrics.child(metrics.duration, route).observe(duration)
+            metrics.record_request(route, request.method, status, duration)
             _access_event(request, spec, route, status, duration, disconnected)
 
     return gateway

@@ -614,6 +614,16 @@ class TenantSecretCache:
         """The configured backend's name, ``none`` without a store."""
         return self.store.name if self.store is not None else "none"
 
+    def cached(self, tenant_id: str) -> TenantSecrets | None:
+        """Return the tenant's secrets while the cache holds them fresh, else
+        ``None``, without a lookup."""
+        if self.store is None:
+            return _NO_SECRETS
+        entry = self._entries.get(tenant_id)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        return None
+
     async def get(self, tenant_id: str) -> TenantSecrets:
         """Return the tenant's secrets, looking them up on a cache miss.
 

@@ -191,9 +191,11 @@ class UpstreamClient:
         body: bytes | None,
         timeout_s: float,
         route: str,
+        coalesce: bool = True,
     ) -> UpstreamResponse:
-        """Send one request, coalescing identical GETs already in flight."""
-        if method != "GET" or not self.config.coalesce_gets:
+        """Send one request, coalescing identical GETs already in flight unless
+        ``coalesce`` is false."""
+        if method != "GET" or not coalesce or not self.config.coalesce_gets:
             return await self._send(
                 method, url, credential, headers, body, timeout_s, route
             )
@@ -571,8 +573,12 @@ class UpstreamCaller:
         route: str,
         traceparent: str | None,
         credential: Credential | None = None,
+        coalesce: bool = True,
     ) -> None:
         self._client = client
+        #: Whether identical GETs in flight may share this caller's calls. A
+        #: shared run's caller is already shared, and per tenant.
+        self._coalesce = coalesce
         self._resolve = resolve_credential
         self._request_id = request_id
         self._timeout_s = timeout_s
@@ -640,6 +646,7 @@ class UpstreamCaller:
                 body=body,
                 timeout_s=self._timeout_s,
                 route=self._route,
+                coalesce=self._coalesce,
             )
         except ProxyError as exc:
             self.last_status = exc.extra.get("upstream_status") or (

@@ -209,17 +209,40 @@ async def test_tenant_key_shared_by_users(key_gateway, counted, rsa_key):
     assert len(counted.runs) == 1
 
 
-async def test_tenants_run_apart_with_one_key(key_gateway, counted, rsa_key):
-    """The development key serves every tenant, but runs never cross tenants."""
+async def test_tenants_run_apart_with_one_key(
+    key_gateway, items_upstream, counted, rsa_key
+):
+    """The development key serves every tenant, but runs, and their upstream
+    calls, never cross tenants."""
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held_items(request: web.Request) -> web.Response:
+        if len(items_upstream.requests) == 2:
+            arrived.set()
+        await asyncio.wait_for(release.wait(), 10)
+        return web.json_response({"items": ["a", "b"]})
+
+    items_upstream.route("GET", "/v1/items", held_items)
     requests = [
         ("/api/v1/items", viewer(rsa_key, tenant_id=tenant))
         for tenant in ("acme", "globex")
         for _ in range(4)
     ]
-    results = await held_batch(key_gateway, counted, requests, "items", joined=6)
+    batch = asyncio.ensure_future(
+        held_batch(key_gateway, counted, requests, "items", joined=6)
+    )
+    # Both runs' calls must be in flight at once: shared, only one would come.
+    try:
+        await asyncio.wait_for(arrived.wait(), 2)
+    except TimeoutError:
+        pass
+    release.set()
+    results = await batch
     tenants = [body["data"]["tenant"] for _, body, _ in results]
     assert sorted(run["tenant"] for run in counted.runs) == ["acme", "globex"]
     assert tenants == ["acme"] * 4 + ["globex"] * 4
+    assert len(items_upstream.requests) == 2
 
 
 async def test_queries_run_apart(gateway, counted, rsa_key):

@@ -25,7 +25,7 @@ from scaiproxy.auth import Principal
 from scaiproxy.config import settings_from_mapping
 from scaiproxy.credentials import CredentialResolver
 from scaiproxy.errors import ConfigError
-from scaiproxy.secrets import TenantSecretCache
+from scaiproxy.secrets import FileSecretStore, TenantSecretCache
 
 EVENTS = "/v1/modules/scaicore/events"
 EMPTY_PAGE = {"data": {"events": [], "next_cursor": None}}
@@ -631,3 +631,20 @@ async def test_missing_permission_fix_names_base_path(
     detail = (await response.json())["detail"]
     assert response.status == 403
     assert "GET /gateway/v1/me" in detail["fix"]
+
+
+async def test_resolve_cached_waits_for_a_lookup(tmp_path):
+    """Without cached secrets for the tenant it gives up; once they are cached
+    it chooses what resolve() chooses, without awaiting the store."""
+    path = secrets_file(tmp_path, {"tenants/acme/scaigrid_api_key": TENANT_KEY})
+    settings = settings_from_mapping(
+        gateway_config("http://127.0.0.1:9", "http://127.0.0.1:9/jwks", "api_key"),
+        environ={},
+    )
+    secrets = TenantSecretCache(FileSecretStore(path), 60)
+    resolver = CredentialResolver(settings, secrets, environ={})
+    principal = _principal("acme", "token-a")
+    assert resolver.resolve_cached(principal) is None
+    resolved = await resolver.resolve(principal)
+    assert resolver.resolve_cached(principal) is resolved
+    assert resolved.source == "tenant_key"
