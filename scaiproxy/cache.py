@@ -16,11 +16,12 @@ if TYPE_CHECKING:
     from scaiproxy.credentials import Credential
     from scaiproxy.routes import Call, RawJSON
 
-CacheKey = tuple[str, str, bytes]
+CacheKey = tuple[str, str, str, bytes]
 
 
 class ResponseCache:
-    """Encoded bodies by route, upstream URL and credential hash, kept ``ttl_s``.
+    """Encoded bodies by route, upstream URL, tenant and credential hash, kept
+    ``ttl_s``.
 
     At most ``max_entries`` bodies are kept; storing one more drops the entry
     stored longest ago. ``ttl_s == 0`` disables the cache.
@@ -42,10 +43,11 @@ class ResponseCache:
         return self.ttl_s > 0
 
     @staticmethod
-    def key(route: str, url: str, credential: Credential) -> CacheKey:
+    def key(route: str, url: str, tenant_id: str, credential: Credential) -> CacheKey:
         # SECURITY: the credential is part of the key as its SHA-256, so the
-        # cache contains no token or key in the clear.
-        return (route, url, credential.digest)
+        # cache contains no token or key in the clear. The tenant is part of it
+        # too: tenants on the one development key never share a body.
+        return (route, url, tenant_id, credential.digest)
 
     def get(self, key: CacheKey) -> bytes | None:
         entry = self._entries.get(key)
@@ -81,9 +83,10 @@ async def through_cache(
 ) -> RawJSON:
     """Return what ``build()`` makes, or the body cached for the same request.
 
-    The key is the route, the upstream URL of ``path`` with ``params``, and a
-    hash of the call's credential, so no caller is ever served a body that was
-    fetched with another tenant's or user's credential. ``cache`` set to
+    The key is the route, the upstream URL of ``path`` with ``params``, the
+    caller's tenant and a hash of the call's credential, so no caller is ever
+    served a body that was fetched for another tenant or with another user's
+    credential. ``cache`` set to
     ``None`` or disabled calls ``build()`` every time.
     """
     if cache is None or not cache.enabled:
@@ -95,7 +98,7 @@ async def through_cache(
 
     credential = await call.upstream.credential_for_call()
     url = str(upstream_url(credential.base_url, path, params))
-    key = cache.key(call.route.name, url, credential)
+    key = cache.key(call.route.name, url, call.principal.tenant_id, credential)
     encoded = cache.get(key)
     if encoded is not None:
         metrics = call.request.app[METRICS]

@@ -218,17 +218,17 @@ class FileSecretsConfig(_Section):
 class ScaiVaultConfig(_Section):
     base_url: str = ""
     token_env: str = "SCAIVAULT_TOKEN"
-
-    @field_validator("token_env")
-    @classmethod
-    def _check_token_env(cls, value: str) -> str:
-        return _check_env_name(value)
     timeout_s: float = Field(5.0, gt=0)
 
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         return normalize_base_url(value) if value else value
+
+    @field_validator("token_env")
+    @classmethod
+    def _check_token_env(cls, value: str) -> str:
+        return _check_env_name(value)
 
 
 class SecretsConfig(_Model):

@@ -85,6 +85,7 @@ def make_handler(spec: RouteSpec) -> Any:
             _traceparent(request),
             credential=credential,
             coalesce=credential is None,
+            tenant_id=request[PRINCIPAL].tenant_id if spec.authenticated else None,
         )
         request[UPSTREAM_CALLS] = upstream
         return upstream
@@ -203,6 +204,9 @@ class SharedRun:
         """
         waiter = self.future.get_loop().create_future()
         self._waiters.append(waiter)
+        if self.future.done():
+            # Settled already: the callback that settles waiters has run.
+            self._settle_waiters(self.future)
         return waiter
 
     def _settle_waiters(self, future: asyncio.Future[Any]) -> None:

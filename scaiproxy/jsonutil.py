@@ -28,7 +28,7 @@ def _reject_constant(name: str) -> Any:
 def _double(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise JSONRangeError(f"the number {text[:40]} is beyond the range of a double")
+        raise JSONRangeError(text[:40])
     return value
 
 
@@ -53,6 +53,11 @@ class JSONSyntaxError(ValueError):
 
 class JSONRangeError(JSONSyntaxError):
     """A number is beyond the range of a double, where the text had to fit one."""
+
+    def __init__(self, number: str) -> None:
+        super().__init__(f"the number {number} is beyond the range of a double")
+        #: The number's JSON text, cut to 40 characters.
+        self.number = number
 
 
 def dumps(value: Any) -> bytes:

@@ -43,11 +43,11 @@ class RawJSON:
     def of_envelope(cls, enveloped: bytes) -> RawJSON:
         """Wrap a body that is ``{"data":<value>}`` already, byte for byte.
 
-        The body itself becomes the response body, without a copy; the value's
+        The body itself becomes the response body, without a copy. The value's
         own bytes are cut from it only when :attr:`encoded` is read.
         """
         if not (enveloped.startswith(_ENVELOPE_START) and enveloped.endswith(b"}")):
-            raise ValueError("expected a body of the form {\"data\":...}")
+            raise ValueError('expected a body of the form {"data":...}')
         value = cls.__new__(cls)
         value._encoded = None
         value._enveloped = enveloped
@@ -55,10 +55,14 @@ class RawJSON:
 
     @property
     def encoded(self) -> bytes:
-        """The value's JSON text."""
+        """The value's JSON text.
+
+        A value wrapped with :meth:`of_envelope` cuts it from the envelope on
+        every read and keeps no copy, so that it stays the size of one page.
+        """
         if self._encoded is None:
             assert self._enveloped is not None
-            self._encoded = self._enveloped[len(_ENVELOPE_START) : -1]
+            return self._enveloped[len(_ENVELOPE_START) : -1]
         return self._encoded
 
     def enveloped(self) -> bytes:

@@ -81,9 +81,14 @@ class UpstreamResponse:
                     self.body, max_depth=512, doubles=True
                 )
             except jsonutil.JSONRangeError as exc:
-                raise bad_gateway(
-                    f"ScaiGrid responded with {str(exc)[:100]}, which the gateway "
-                    "cannot pass on as a JSON number."
+                raise ProxyError(
+                    502,
+                    BAD_GATEWAY,
+                    f"ScaiGrid responded with the number {exc.number}, which is "
+                    "beyond the range of a double and cannot be passed on as a "
+                    "JSON number.",
+                    fix="A retry gets the same answer: the number is in ScaiGrid's "
+                    "data, so report it to ScaiGrid's operators.",
                 ) from None
             except jsonutil.JSONSyntaxError as exc:
                 raise bad_gateway(
@@ -116,15 +121,19 @@ class PoolGuardConnector(aiohttp.TCPConnector):
     could so give one tenant's request another tenant's page. aiohttp checks
     ``should_close`` when a connection returns to the pool but not when it is
     taken out again, so this connector checks it then and closes the connection.
+    Every pooled connection may have to go that way before a new one opens,
+    and a new one is discarded only when the server spoke before the request
+    was sent.
     """
 
-    #: Connections to discard in a row before the call fails as 502.
-    MAX_DISCARDED = 3
+    #: New connections to discard in a row before the call fails as 502.
+    MAX_NEW_DISCARDED = 3
 
     async def connect(
         self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
     ) -> Any:
-        for _ in range(self.MAX_DISCARDED):
+        # The pool holds at most ``limit`` connections (100 when unlimited).
+        for _ in range((self.limit or 100) + self.MAX_NEW_DISCARDED):
             connection = await super().connect(req, traces, timeout)
             protocol = connection.protocol
             if protocol is None or not protocol.should_close:
@@ -137,8 +146,8 @@ class PoolGuardConnector(aiohttp.TCPConnector):
             )
             connection.close()
         raise IdleDataError(
-            f"{self.MAX_DISCARDED} connections in a row to {req.url.host} had "
-            "received data while idle"
+            f"every connection to {req.url.host} tried had received data before "
+            "its request was sent"
         )
 
 
@@ -157,7 +166,9 @@ class UpstreamClient:
         self.metrics = metrics
         #: ``server.base_path``, for the route that the fix of a rejected key names.
         self.base_path = base_path
-        self._in_flight: dict[tuple[str, bytes], asyncio.Future[UpstreamResponse]] = {}
+        self._in_flight: dict[
+            tuple[str, bytes, str | None], asyncio.Future[UpstreamResponse]
+        ] = {}
 
     @staticmethod
     def create_session(config: UpstreamConfig) -> aiohttp.ClientSession:
@@ -192,16 +203,18 @@ class UpstreamClient:
         timeout_s: float,
         route: str,
         coalesce: bool = True,
+        tenant_id: str | None = None,
     ) -> UpstreamResponse:
-        """Send one request, coalescing identical GETs already in flight unless
-        ``coalesce`` is false."""
+        """Send one request, coalescing identical GETs of one tenant already in
+        flight unless ``coalesce`` is false."""
         if method != "GET" or not coalesce or not self.config.coalesce_gets:
             return await self._send(
                 method, url, credential, headers, body, timeout_s, route
             )
 
-        # The credential is part of the key, so callers never share across tenants.
-        key = (str(url), credential.digest)
+        # The credential and the tenant are part of the key, so callers never
+        # share a call across credentials or tenants.
+        key = (str(url), credential.digest, tenant_id)
         shared = self._in_flight.get(key)
         if shared is not None:
             if self.metrics:
@@ -574,8 +587,11 @@ class UpstreamCaller:
         traceparent: str | None,
         credential: Credential | None = None,
         coalesce: bool = True,
+        tenant_id: str | None = None,
     ) -> None:
         self._client = client
+        #: The caller's tenant; identical GETs of two tenants are never shared.
+        self._tenant_id = tenant_id
         #: Whether identical GETs in flight may share this caller's calls. A
         #: shared run's caller is already shared, and per tenant.
         self._coalesce = coalesce
@@ -647,6 +663,7 @@ class UpstreamCaller:
                 timeout_s=self._timeout_s,
                 route=self._route,
                 coalesce=self._coalesce,
+                tenant_id=self._tenant_id,
             )
         except ProxyError as exc:
             self.last_status = exc.extra.get("upstream_status") or (

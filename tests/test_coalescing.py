@@ -422,6 +422,18 @@ async def test_cancelled_waiter_spares_run():
     assert not run.future.cancelled()
 
 
+async def test_waiter_after_run_finished_settles():
+    runs = SharedRuns()
+
+    async def work() -> int:
+        return 7
+
+    run = runs.start(("key",), work(), caller())
+    await run.future
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(run.waiter(), 1) == 7
+
+
 async def test_finished_run_leaves_table():
     runs = SharedRuns()
 

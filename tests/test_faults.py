@@ -709,3 +709,37 @@ async def test_pushed_response_never_reaches_next_request(
     assert answers == ["limit=7", "limit=3", "limit=4"]
     assert len(discarded) == 2
 
+
+
+async def test_fresh_connection_after_pool_of_pushed_data(
+    make_gateway, raw_upstream, jwks_server, rsa_key
+):
+    """Four pooled connections each received an unrequested response while
+    idle. The next poll discards them all and gets a new connection."""
+
+    async def answer_then_push(reader, writer) -> None:
+        head = raw_upstream.heads[-1]
+        while head is not None:
+            await asyncio.sleep(0.1)
+            writer.write(_page_for(head))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(_page_for(head))
+            await writer.drain()
+            head = await _read_head(reader)
+
+    raw_upstream.fault = answer_then_push
+    client = await make_gateway(base_config(raw_upstream.base_url, jwks_server.url))
+    headers = bearer(mint(rsa_key, permissions=["scaicore:view"]))
+
+    async def poll(limit: int) -> int:
+        response = await client.get(
+            EVENTS, params={"limit": str(limit)}, headers=headers
+        )
+        await response.read()
+        return response.status
+
+    first = await asyncio.gather(*(poll(limit) for limit in (1, 2, 3, 4)))
+    await asyncio.sleep(0.2)
+    assert first == [200] * 4
+    assert await poll(5) == 200

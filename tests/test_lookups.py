@@ -836,8 +836,8 @@ def credential(authorization: str) -> Credential:
 
 def test_cache_keys_differ_by_credential():
     cache = ResponseCache(30, 10)
-    first = cache.key("route", "http://up/x", credential("Bearer one"))
-    second = cache.key("route", "http://up/x", credential("Bearer two"))
+    first = cache.key("route", "http://up/x", "acme", credential("Bearer one"))
+    second = cache.key("route", "http://up/x", "acme", credential("Bearer two"))
     cache.put(first, b"[1]")
 
     assert first != second
@@ -848,7 +848,7 @@ def test_cache_keys_differ_by_credential():
 def test_cache_expires():
     now = [100.0]
     cache = ResponseCache(30, 10, clock=lambda: now[0])
-    key = cache.key("lookups.scopes", "http://up/v1/x", credential("Bearer t"))
+    key = cache.key("lookups.scopes", "http://up/v1/x", "acme", credential("Bearer t"))
     cache.put(key, b"[]")
 
     now[0] = 129.9
@@ -860,7 +860,7 @@ def test_cache_expires():
 def test_cache_drops_oldest():
     cache = ResponseCache(30, 2)
     keys = [
-        cache.key("route", f"http://up/{n}", credential("Bearer t")) for n in range(3)
+        cache.key("route", f"http://up/{n}", "acme", credential("Bearer t")) for n in range(3)
     ]
     for key in keys:
         cache.put(key, b"[]")
@@ -870,12 +870,20 @@ def test_cache_drops_oldest():
     assert cache.get(keys[2]) == b"[]"
 
 
+def test_cache_keys_differ_by_tenant():
+    cache = ResponseCache(30, 10)
+    shared_key = credential("Bearer sgk_one_development_key_for_all")
+    first = cache.key("route", "http://up/x", "acme", shared_key)
+    second = cache.key("route", "http://up/x", "globex", shared_key)
+    assert first != second
+
+
 def test_cache_key_hides_credential():
     key = ResponseCache.key(
-        "route", "http://up/x", credential("Bearer sgk_secret_value_1234")
+        "route", "http://up/x", "acme", credential("Bearer sgk_secret_value_1234")
     )
 
-    assert b"sgk_secret" not in key[2]
+    assert b"sgk_secret" not in key[3]
     assert "sgk_secret" not in repr(key)
 
 
@@ -1108,7 +1116,10 @@ async def test_number_beyond_double_is_bad_gateway(gateway, upstream, token):
 
     assert response.status == 502
     assert body["detail"]["error"] == "bad_gateway"
-    assert "1e400" in body["detail"]["message"]
+    assert "responded with the number 1e400, which is beyond" in body["detail"][
+        "message"
+    ]
+    assert "A retry gets the same answer" in body["detail"]["fix"]
 
 
 async def test_float_values_kept(gateway, upstream, token):
@@ -1128,3 +1139,23 @@ async def test_float_values_kept(gateway, upstream, token):
     assert response.status == 200
     assert json.loads(text)["data"][0]["f"] == -0.0025
     assert '"n":12345678901234567890123' in text
+
+
+async def test_development_key_cache_kept_per_tenant(
+    make_gateway, upstream, jwks_server, rsa_key
+):
+    """Tenants on the one development key send identical calls, and still
+    never get a list cached for another tenant."""
+    upstream.route("GET", SCOPES, json_body={"data": []})
+    raw = base_config(
+        upstream.base_url,
+        jwks_server.url,
+        auth={"upstream_credentials": "api_key"},
+        plugins={"enabled": ["scaicore", "lookups"]},
+    )
+    client = await make_gateway(raw, environ={"SCAIGRID_API_KEY": "sgk_" + "c" * 40})
+    for tenant in ("acme", "globex"):
+        token = mint(rsa_key, tenant_id=tenant, permissions=["scaicore:view"])
+        response = await client.get("/api/v1/scaiqueue/scopes", headers=bearer(token))
+        assert response.status == 200
+    assert len(upstream.requests) == 2

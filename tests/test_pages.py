@@ -125,3 +125,11 @@ def test_own_envelope_counted_once():
     pages = CheckedPages(1024)
     pages.put("events", body, RawJSON.of_envelope(body))
     assert pages.size == len(body)
+
+
+def test_value_of_envelope_keeps_no_second_copy():
+    """A page cache reads the value's bytes; the kept page must not grow."""
+    body = page(b'{"a":1}')
+    value = RawJSON.of_envelope(body)
+    assert value.encoded == body[len(b'{"data":') : -1]
+    assert value.encoded is not value.encoded

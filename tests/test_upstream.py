@@ -801,6 +801,37 @@ async def test_different_tokens_not_coalesced(gateway, upstream, rsa_key):
     assert sent == {f"Bearer {token}" for token in tokens}
 
 
+async def test_tenants_on_one_key_not_coalesced(key_gateway, upstream, rsa_key):
+    """The development key serves every tenant; a call is still never shared
+    between two of them (the fetch route is not a coalesced route)."""
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        if len(upstream.requests) == 2:
+            arrived.set()
+        await asyncio.wait_for(release.wait(), 10)
+        return web.json_response({"ok": True})
+
+    upstream.route("GET", "/v1/slow", handler)
+    tokens = [
+        mint(rsa_key, tenant_id=tenant, permissions=["scaicore:view"])
+        for tenant in ("acme", "globex")
+    ]
+    pending = asyncio.gather(
+        *(key_gateway.get("/api/v1/fetch", headers=bearer(token)) for token in tokens)
+    )
+    # Shared, only one call would arrive; give the second the time to come.
+    try:
+        await asyncio.wait_for(arrived.wait(), 2)
+    except TimeoutError:
+        pass
+    release.set()
+    responses = await pending
+    assert [response.status for response in responses] == [200, 200]
+    assert len(upstream.requests) == 2
+
+
 async def test_different_queries_not_coalesced(gateway, upstream, token):
     counting_route(upstream, EVENTS_UP)
     await asyncio.gather(
