@@ -283,37 +283,24 @@ class UpstreamClient:
                 if attempt < attempts:
                     log.info("upstream_retry", route=route, error=type(exc).__name__)
                     continue
-                self._count_error(route, "connection")
-                log.warning(
-                    "upstream_failed",
-                    route=route,
-                    url=str(url.with_query(None)),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                raise bad_gateway("The connection to ScaiGrid failed.") from None
+                raise self._failed(
+                    route, url, exc, "connection", "The connection to ScaiGrid failed."
+                ) from None
             except aiohttp.ClientResponseError as exc:
                 # aiohttp's parser rejected the response: a bad status line or
                 # header, conflicting lengths, an encoding it cannot decode.
-                self._count_error(route, "bad_response")
-                log.warning(
-                    "upstream_bad_response",
-                    route=route,
-                    url=str(url.with_query(None)),
-                    error=f"{type(exc).__name__}: {str(exc)[:300]}",
-                )
-                raise bad_gateway(
+                raise self._failed(
+                    route,
+                    url,
+                    exc,
+                    "bad_response",
                     "ScaiGrid's response is not valid HTTP, or uses a "
-                    "Content-Encoding other than gzip or deflate."
+                    "Content-Encoding other than gzip or deflate.",
                 ) from None
             except aiohttp.ClientError as exc:
-                self._count_error(route, "connection")
-                log.warning(
-                    "upstream_failed",
-                    route=route,
-                    url=str(url.with_query(None)),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                raise bad_gateway("ScaiGrid could not be reached.") from None
+                raise self._failed(
+                    route, url, exc, "connection", "ScaiGrid could not be reached."
+                ) from None
             break
 
         status, response_headers, payload = response
@@ -362,6 +349,23 @@ class UpstreamClient:
                     raise _TooLarge()
                 chunks.append(chunk)
             return response.status, response.headers, b"".join(chunks)
+
+    def _failed(
+        self, route: str, url: URL, exc: Exception, kind: str, message: str
+    ) -> ProxyError:
+        """Count and log a failed exchange; return the 502 to raise.
+
+        ``kind`` ``bad_response`` logs ``upstream_bad_response``, any other
+        ``upstream_failed``.
+        """
+        self._count_error(route, kind)
+        log.warning(
+            "upstream_bad_response" if kind == "bad_response" else "upstream_failed",
+            route=route,
+            url=str(url.with_query(None)),
+            error=f"{type(exc).__name__}: {str(exc)[:300]}",
+        )
+        return bad_gateway(message)
 
     def _count_error(self, route: str, kind: str) -> None:
         if self.metrics:
