@@ -132,7 +132,8 @@ class PoolGuardConnector(aiohttp.TCPConnector):
     async def connect(
         self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
     ) -> Any:
-        # The pool holds at most ``limit`` connections (100 when unlimited).
+        # The pool has at most ``limit`` connections to discard; without a
+        # limit (0, which upstream.max_connections never sets) 100 are tried.
         for _ in range((self.limit or 100) + self.MAX_NEW_DISCARDED):
             connection = await super().connect(req, traces, timeout)
             protocol = connection.protocol
