@@ -121,10 +121,8 @@ def make_handler(spec: RouteSpec) -> Any:
         principal = request[PRINCIPAL] if spec.authenticated else None
         metrics = app[METRICS]
         resolver = app[RESOLVER]
+        resolve = functools.partial(_resolve_credential, resolver, metrics, principal)
         if shared is None or not settings.upstream.coalesce_gets:
-            resolve = functools.partial(
-                _resolve_credential, resolver, metrics, principal
-            )
             upstream = upstream_caller(request, resolve)
             call = make_call(request, params, query, body, principal, upstream)
             if shared is None:
@@ -145,9 +143,6 @@ def make_handler(spec: RouteSpec) -> Any:
             )
             run = shared.get(key)
             if run is None:
-                resolve = functools.partial(
-                    _resolve_credential, resolver, metrics, principal
-                )
                 upstream = upstream_caller(request, resolve, credential)
                 call = make_call(request, params, query, None, principal, upstream)
                 run = shared.start(key, spec.handler(call), upstream)
