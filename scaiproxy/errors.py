@@ -65,7 +65,7 @@ class ProxyError(Exception):
 
 
 #: Problems listed in one 422; a request with thousands of unknown query
-#: parameters would otherwise get an answer many times its own size.
+#: parameters would otherwise get a response many times its own size.
 MAX_LISTED_ERRORS = 20
 
 

@@ -89,7 +89,7 @@ async def expect_handler(request: Any) -> None:
     """Send ``100 Continue`` for ``Expect: 100-continue``, as aiohttp does, and
     ignore other expectations.
 
-    aiohttp's own handler answers any other expectation with a plain-text 417
+    aiohttp's own handler responds to any other expectation with a plain-text 417
     before the middleware runs: no envelope, no ``X-Request-ID``, no access
     event. RFC 9110 (section 10.1.1) lets a server ignore an expectation it
     does not support, so the request goes on to the middleware instead.

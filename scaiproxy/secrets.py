@@ -615,7 +615,7 @@ class TenantSecretCache:
         return self.store.name if self.store is not None else "none"
 
     def cached(self, tenant_id: str) -> TenantSecrets | None:
-        """Return the tenant's secrets while the cache holds them fresh, else
+        """Return the tenant's secrets while their cached entry is fresh, else
         ``None``, without a lookup."""
         if self.store is None:
             return _NO_SECRETS

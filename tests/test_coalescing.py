@@ -1,7 +1,7 @@
 """Coalesced routes: identical requests in flight share one run of the handler.
 
 A test plugin serves coalesced routes whose handler counts its runs, records
-who started each run, calls a real upstream server and holds its answer until
+who started each run, calls a real upstream server and delays its response until
 the test releases it, so that every request of a batch is in flight at once.
 """
 

@@ -661,7 +661,8 @@ async def test_invalid_http_named_in_502(
 
 
 def _page_for(head: bytes) -> bytes:
-    """An events page that names the query string it answers."""
+    """Build an events page that names the query string of the request it
+    responds to."""
     target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
     query = target.partition("?")[2]
     event = json.dumps({"answers": query}).encode()
@@ -673,7 +674,7 @@ async def test_pushed_response_never_reaches_next_request(
     make_gateway, raw_upstream, jwks_server, rsa_key, log_stream
 ):
     """A response that arrives while no request is in flight belongs to no one:
-    the connection is dropped, and the next caller gets the answer to its own
+    the connection is dropped, and the next caller gets the response to its own
     query, even when it is another tenant."""
 
     async def answer_then_push_another(reader, writer) -> None:

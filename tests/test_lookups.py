@@ -1123,7 +1123,7 @@ async def test_number_beyond_double_is_bad_gateway(gateway, upstream, token):
 
 
 async def test_float_values_kept(gateway, upstream, token):
-    """Numbers that a double holds keep their value, and the answer stays JSON."""
+    """Numbers that fit a double keep their value, and the response stays JSON."""
 
     async def page(request: web.Request) -> web.Response:
         body = (

@@ -113,7 +113,7 @@ async def test_idle_connection_drops_last_body(gateway, upstream, rsa_key):
 
 async def test_unknown_expectation_enveloped(gateway, upstream):
     """An expectation other than 100-continue is ignored: the request gets the
-    gateway's own answer, here 401, with the envelope and a request id."""
+    gateway's own response, here 401, with the envelope and a request id."""
     request = (
         b"POST /api/v1/scaicore/cores/core_a/invoke HTTP/1.1\r\nHost: x\r\n"
         b"Expect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 #: Shapes that ``GET /v1/models`` can take, see :attr:`SimOptions.models_shape`.
 MODELS_SHAPES = ("native", "items", "openai")
-#: The longest added latency: ten minutes, beyond any gateway timeout worth testing.
+#: The maximum added latency: ten minutes, beyond any gateway timeout worth testing.
 MAX_LATENCY_MS = 600_000
-#: The longest pause between background invocations: one day.
+#: The maximum pause between background invocations: one day.
 MAX_ACTIVITY_INTERVAL_S = 86_400
 
 
